@@ -1,0 +1,177 @@
+"""How samplers reach models: a tiny interface over row groups with KV caches.
+
+Rows are numbered like the paper's models: row 0 is the reference pi_ref, rows 1..N the
+preference models. A sampler works on *groups* of rows that advance together:
+
+    "ref"    row 0 alone       (drafting, the `base` method)
+    "prefs"  rows 1..N         (scoring a drafted chunk)
+    "all"    rows 0..N         (token-level methods: every row in one forward)
+
+A `Session` holds one KV cache per group for one generation. `logits(group, seq, n)` returns
+the logits after the last n tokens of `seq`, feeding only what the cache lacks and rolling
+back what it holds beyond the shared prefix (a rejected draft). Nothing else touches a
+model, so a remote backend only has to implement `Backend` (new_cache, forward, crop).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from .errors import PersonamixError
+
+Group = Literal["ref", "prefs", "all"]
+GROUPS: tuple[str, ...] = ("ref", "prefs", "all")
+BASE_ROW = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+class Backend(Protocol):
+    names: tuple[str, ...]       # preference-model names, row i+1 = names[i]
+    vocab_size: int
+    max_length: int              # context length in tokens
+    device: torch.device
+
+    def new_cache(self, group: Group, names: Sequence[str]) -> object: ...
+
+    def forward(self, group: Group, tokens: torch.Tensor, cache: object, n_logits: int,
+                names: Sequence[str]) -> tuple[torch.Tensor, int]:
+        """Logits [rows, n_logits, V] after the last n_logits of `tokens` (fed after what `cache`
+        holds), and the number of model forward passes used. `names`: the preference models
+        taking part (rows 1.. of the group, in that order)."""
+
+    def crop(self, cache: object, n_remove: int) -> None: ...
+
+
+class Session:
+    """KV caches of one generation, one per group, created on first use.
+
+    `logits(group, seq, n)` is the only call samplers need: it returns the logits that follow
+    each of the last n tokens of `seq`, reusing the group's cache for the longest prefix it
+    shares with `seq` and rolling the rest back (`truncate`). So a rejected draft is undone by
+    simply asking about the sequence without it; the prefix is never recomputed.
+    """
+
+    def __init__(self, backend: Backend, names: Sequence[str] | None = None):
+        self.backend = backend
+        self.names = tuple(backend.names if names is None else names)
+        unknown = [n for n in self.names if n not in backend.names]
+        if unknown:
+            raise PersonamixError(f"unknown preference model(s) {', '.join(unknown)}")
+        self.forward_passes = 0
+        self._caches: dict[str, object] = {}
+        self._tokens: dict[str, list[int]] = {}
+
+    def cached(self, group: Group) -> list[int]:
+        """The tokens whose keys/values the group's cache holds."""
+        return self._tokens.get(group, [])
+
+    def logits(self, group: Group, seq: Sequence[int], n_logits: int = 1) -> torch.Tensor:
+        """Logits [rows, n_logits, V]: row r, column j predicts the token after seq[len(seq) - n_logits + j]."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown group {group!r}")
+        if not 1 <= n_logits <= len(seq):
+            raise ValueError(f"n_logits={n_logits} for a sequence of {len(seq)} tokens")
+        if len(seq) > self.backend.max_length:
+            raise PersonamixError(f"sequence of {len(seq)} tokens exceeds the model's context of "
+                                  f"{self.backend.max_length} tokens")
+        cached = self.cached(group)
+        keep = min(len(cached), len(seq) - n_logits)
+        for i in range(keep):  # first mismatch; in practice only the last few tokens differ
+            if cached[i] != seq[i]:
+                keep = i
+                break
+        self.truncate(group, keep)
+        if group not in self._caches:
+            self._caches[group] = self.backend.new_cache(group, self.names)
+        new = torch.tensor(seq[keep:], dtype=torch.long, device=self.backend.device)
+        logits, passes = self.backend.forward(group, new, self._caches[group], n_logits, self.names)
+        self.forward_passes += passes
+        self._tokens[group] = list(seq)
+        return logits
+
+    def truncate(self, group: Group, length: int) -> None:
+        """Roll the group's cache back to its first `length` tokens."""
+        cached = self.cached(group)
+        if not 0 <= length <= len(cached):
+            raise ValueError(f"cannot truncate group {group!r} of length {len(cached)} to {length}")
+        if length < len(cached):
+            self.backend.crop(self._caches[group], len(cached) - length)
+            self._tokens[group] = cached[:length]
+
+
+def _crop(cache: DynamicCache, n_remove: int) -> None:
+    # transformers 5: a negative argument removes that many positions from the end
+    cache.crop(-n_remove)
+
+
+class LoraBackend:
+    """Reference + N LoRA adapters on one base model; every group runs as ONE batched forward
+    with PEFT's `adapter_names=` (reference row = "__base__")."""
+
+    def __init__(self, model: PreTrainedModel, names: Sequence[str]):
+        self.model = model.eval()
+        self.names = tuple(names)
+        text_config = model.config.get_text_config()
+        self.vocab_size = int(text_config.vocab_size)
+        self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
+        self.device = next(model.parameters()).device
+
+    def new_cache(self, group: Group, names: Sequence[str]) -> DynamicCache:
+        return DynamicCache()
+
+    @torch.inference_mode()
+    def forward(self, group: Group, tokens: torch.Tensor, cache: DynamicCache, n_logits: int,
+                names: Sequence[str]) -> tuple[torch.Tensor, int]:
+        if group == "ref" and not self.names:      # a plain model: no adapter machinery at all
+            rows = None
+        else:
+            rows = {"ref": [BASE_ROW], "prefs": list(names), "all": [BASE_ROW, *names]}[group]
+            if not rows:
+                raise PersonamixError("no preference models take part")
+        kwargs = {} if rows is None else {"adapter_names": rows}
+        ids = tokens.view(1, -1).expand(1 if rows is None else len(rows), -1)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=n_logits, **kwargs)
+        return out.logits, 1
+
+    def crop(self, cache: DynamicCache, n_remove: int) -> None:
+        _crop(cache, n_remove)
+
+
+class SeparateModelsBackend:
+    """Reference and N preference models as separate full models (the paper's setting):
+    a group's forward runs each of its models once."""
+
+    def __init__(self, ref: PreTrainedModel, prefs: Sequence[PreTrainedModel], names: Sequence[str]):
+        if len(prefs) != len(names):
+            raise ValueError("one name per preference model")
+        self.ref = ref.eval()
+        self.prefs = {name: m.eval() for name, m in zip(names, prefs)}
+        self.names = tuple(names)
+        text_config = ref.config.get_text_config()
+        self.vocab_size = int(text_config.vocab_size)
+        self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
+        self.device = next(ref.parameters()).device
+
+    def _models(self, group: Group, names: Sequence[str]) -> list[PreTrainedModel]:
+        prefs = [self.prefs[n] for n in names]
+        return {"ref": [self.ref], "prefs": prefs, "all": [self.ref, *prefs]}[group]
+
+    def new_cache(self, group: Group, names: Sequence[str]) -> list[DynamicCache]:
+        return [DynamicCache() for _ in self._models(group, names)]
+
+    @torch.inference_mode()
+    def forward(self, group: Group, tokens: torch.Tensor, cache: list[DynamicCache], n_logits: int,
+                names: Sequence[str]) -> tuple[torch.Tensor, int]:
+        models = self._models(group, names)
+        if not models:
+            raise PersonamixError("no preference models take part")
+        ids = tokens.view(1, -1)
+        logits = [m(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=n_logits).logits
+                  for m, c in zip(models, cache)]
+        return torch.cat(logits, dim=0), len(models)
+
+    def crop(self, cache: list[DynamicCache], n_remove: int) -> None:
+        for c in cache:
+            _crop(c, n_remove)

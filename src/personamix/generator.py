@@ -1,0 +1,243 @@
+"""The user-facing API: `Generator.from_pretrained(...).generate(prompt, persona=..., method=...)`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from .backend import Backend, LoraBackend, Session
+from .errors import PersonamixError
+from .models import DEFAULT_MODEL, build_backend, load_reference, pick_device
+from .samplers import METHODS, SamplerConfig
+from .stats import Stats
+from .targets import Target, resolve_weights
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+@dataclass
+class GenerationResult:
+    """text and token_ids hold the new tokens only (an end-of-sequence token is not included)."""
+
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    prompt_ids: list[int]
+    finish_reason: str            # "stop" (end-of-sequence token) or "length" (max_new_tokens)
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+class TextStream:
+    """Iterator over text pieces of a generation; `.result` is set once it is exhausted."""
+
+    def __init__(self, gen: "Generator", tokens: Iterator[list[int]], run: "_Run"):
+        self._gen, self._tokens, self._run = gen, tokens, run
+        self._text = ""
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        tok = self._gen.tokenizer
+        for _ in self._tokens:
+            text = tok.decode(self._run.token_ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):       # an incomplete UTF-8 sequence: wait for more tokens
+                continue
+            piece, self._text = text[len(self._text):], text
+            if piece:
+                return piece
+        if self.result is None:
+            self.result = self._run.result(tok)
+            piece = self.result.text[len(self._text):]
+            self._text = self.result.text
+            if piece:
+                return piece
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop early (e.g. a client went away): the sampler and its caches are released."""
+        self._tokens.close()
+
+
+@dataclass
+class _Run:
+    prompt_ids: list[int]
+    stats: Stats
+    weights: dict[str, float]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+    def result(self, tokenizer) -> GenerationResult:
+        text = tokenizer.decode(self.token_ids, skip_special_tokens=True) if tokenizer is not None else ""
+        return GenerationResult(text, list(self.token_ids), self.stats, self.prompt_ids,
+                                self.finish_reason, self.weights)
+
+
+class Generator:
+    """Multi-personality generation over a reference model and N preference models."""
+
+    def __init__(self, backend: Backend, tokenizer=None, eos_token_ids: Sequence[int] = ()):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, adapters: Mapping[str, str] | None = None, *,
+                        backend: str = "auto", device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "Generator":
+        """Load a reference (the embedded default's alias, a hub id or a local directory) and
+        preference models: `adapters` maps a name ("E", "N", ...) to a PEFT LoRA adapter
+        directory / hub id, or to a full model (see models.build_backend for `backend`)."""
+        ref, tokenizer = load_reference(model, pick_device(device), dtype)
+        if ref.config.get_text_config().vocab_size < len(tokenizer):
+            raise PersonamixError(f"tokenizer of {model!r} has {len(tokenizer)} tokens but the model only "
+                                  f"{ref.config.get_text_config().vocab_size} embeddings")
+        return cls(build_backend(ref, tokenizer, adapters, backend, dtype), tokenizer, _eos_ids(ref, tokenizer))
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return self.backend.names
+
+    # -- prompts -----------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt, chat_template: bool = True) -> list[int]:
+        """Token ids of a prompt. A string gets the model's chat template when it has one (and
+        `chat_template` is on); a list of {"role", "content"} messages always does; a list of
+        ints is used as given."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise PersonamixError("this generator has no tokenizer: pass token ids")
+            if chat_template and getattr(self.tokenizer, "chat_template", None):
+                ids = self._apply_template([{"role": "user", "content": prompt}])
+            else:
+                ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+                raise PersonamixError("chat messages need a tokenizer with a chat template")
+            for m in prompt:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise PersonamixError("each chat message needs string 'role' and 'content' fields")
+            ids = self._apply_template(list(prompt))
+        elif isinstance(prompt, (Sequence, torch.Tensor)) and not isinstance(prompt, (bytes, bytearray)):
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise PersonamixError("a prompt list must hold token ids (ints) or chat messages (dicts)")
+            bad = [t for t in ids if not 0 <= t < self.backend.vocab_size]
+            if bad:
+                raise PersonamixError(f"token id(s) {bad[:5]} outside the vocabulary 0..{self.backend.vocab_size - 1}")
+        else:
+            raise PersonamixError(f"prompt must be a string, a list of token ids or chat messages, got {type(prompt).__name__}")
+        if not ids:
+            raise PersonamixError("the prompt is empty: at least one token is needed")
+        return ids
+
+    def _apply_template(self, messages: list) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, Mapping):      # transformers 5 returns a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
+        """Generate from `prompt` with a persona / weights and a sampling method.
+
+        Keyword arguments (all optional):
+          persona ("ENTJ") or weights ({"E": 0.7, "N": 0.3}); default: equal weights on all
+          aggregation "linear" | "geometric"; method "scr" | "spec" | "token" | "token-rs" | "base"
+          max_new_tokens (64), seed (None: random), temperature (1.0), top_k (0), top_p (1.0)
+          k (4), window (20), gamma (1.2), warmup (5), bound ("window"), max_retries (256)
+          chat_template (True), ignore_eos (False)
+        """
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(self, prompt: Prompt, **kwargs) -> TextStream:
+        """Like generate, but an iterator of text pieces as they are accepted; `.result` at the end."""
+        tokens, run = self.stream_tokens(prompt, **kwargs)
+        return TextStream(self, tokens, run)
+
+    def stream_tokens(self, prompt: Prompt, *, persona: str | None = None,
+                      weights: Mapping[str, float] | None = None, aggregation: str = "linear",
+                      method: str = "scr", max_new_tokens: int = 64, seed: int | None = None,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      k: int = 4, window: int = 20, gamma: float = 1.2, warmup: int = 5,
+                      bound: str = "window", max_retries: int = 256, chat_template: bool = True,
+                      ignore_eos: bool = False) -> tuple[Iterator[list[int]], _Run]:
+        """The token-level stream under `stream`: (iterator of committed token lists, run record)."""
+        if method not in METHODS:
+            raise PersonamixError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise PersonamixError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise PersonamixError(f"seed must be a non-negative integer or None, got {seed!r}")
+        cfg = SamplerConfig(k=k, window=window, gamma=gamma, warmup=warmup, bound=bound, max_retries=max_retries)
+        if method == "base":
+            if persona is not None or weights is not None:
+                raise PersonamixError("method='base' samples the reference alone: it takes no persona or weights")
+            alphas: dict[str, float] = {}
+        else:
+            alphas = resolve_weights(self.backend.names, persona, weights)
+        target = Target(names=tuple(alphas), weights=tuple(alphas.values()), aggregation=aggregation,
+                        temperature=temperature, top_k=top_k, top_p=top_p)
+        prompt_ids = self.encode(prompt, chat_template)
+        room = self.backend.max_length - len(prompt_ids)
+        if room < 1:
+            raise PersonamixError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                                  f"{self.backend.max_length}: shorten the prompt")
+        if max_new_tokens > room:
+            raise PersonamixError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                                  f"the model's context of {self.backend.max_length}; at most {room} new tokens fit")
+        run = _Run(prompt_ids, Stats(method), alphas)
+        return self._tokens(run, target, cfg, method, max_new_tokens, seed, ignore_eos), run
+
+    def _tokens(self, run: _Run, target: Target, cfg: SamplerConfig, method: str, max_new_tokens: int,
+                seed: int | None, ignore_eos: bool) -> Iterator[list[int]]:
+        device = self.backend.device
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        session = Session(self.backend, target.names)
+        sampler = METHODS[method](session, run.prompt_ids, target, cfg, rng, run.stats)
+        stats, start = run.stats, time.perf_counter()
+        try:
+            for step in sampler:
+                out = []
+                for t in step:
+                    if t in self.eos_token_ids and not ignore_eos:
+                        run.finish_reason = "stop"
+                        break
+                    out.append(t)
+                    if len(run.token_ids) + len(out) >= max_new_tokens:
+                        break
+                run.token_ids.extend(out)
+                stats.new_tokens = len(run.token_ids)
+                stats.forward_passes = session.forward_passes
+                stats.elapsed_s = time.perf_counter() - start
+                if out:
+                    yield out
+                if run.finish_reason == "stop" or len(run.token_ids) >= max_new_tokens:
+                    break
+        finally:
+            sampler.close()
+            stats.forward_passes = session.forward_passes
+            stats.elapsed_s = time.perf_counter() - start
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is None:
+            continue
+        ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    return sorted(set(int(i) for i in ids))
+
+
+__all__ = ["Generator", "GenerationResult", "TextStream", "LoraBackend"]

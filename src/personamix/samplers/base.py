@@ -1,0 +1,21 @@
+"""`base`: the reference model alone (the speed baseline; ignores the preference models)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..backend import Session
+from ..stats import Stats
+from ..targets import Target, log_probs
+from .common import SamplerConfig, sample_token
+
+
+def sample(session: Session, prompt: list[int], target: Target, cfg: SamplerConfig,
+           rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
+    seq = list(prompt)
+    while True:
+        t = sample_token(log_probs(session.logits("ref", seq)[0, -1], target), rng)
+        seq.append(t)
+        yield [t]

@@ -1,0 +1,27 @@
+"""`token`: exact direct sampling from the token-level target p* (eq. 5) at every step.
+
+All N+1 rows are scored in one forward; p*(t|Y) = softmax(log pi_ref(t|Y) + S(t|Y)).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..backend import Session
+from ..stats import Stats
+from ..targets import Target, log_probs, token_target
+from .common import SamplerConfig, sample_token
+
+
+def sample(session: Session, prompt: list[int], target: Target, cfg: SamplerConfig,
+           rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
+    seq = list(prompt)
+    while True:
+        logp = log_probs(session.logits("all", seq)[:, -1], target)   # [N+1, V]
+        logp_star, _, clamped = token_target(logp, target)
+        t = sample_token(logp_star, rng)
+        stats.clamps += int(clamped[t])
+        seq.append(t)
+        yield [t]
