@@ -16,6 +16,6 @@ def sample(session: Session, prompt: list[int], target: Target, cfg: SamplerConf
            rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
     seq = list(prompt)
     while True:
-        t = sample_token(log_probs(session.logits("ref", seq)[0, -1], target), rng)
+        t = sample_token(log_probs(session.logits("ref", seq)[:, -1], target)[0], rng)
         seq.append(t)
         yield [t]

@@ -69,7 +69,7 @@ def draft(session: Session, seq: list[int], k: int, target: Target,
     chunk: list[int] = []
     logq = []
     for _ in range(k):
-        lq = log_probs(session.logits("ref", seq + chunk, 1)[0, -1], target)
+        lq = log_probs(session.logits("ref", seq + chunk, 1)[:, -1], target)[0]
         chunk.append(sample_token(lq, rng))
         logq.append(lq)
     return chunk, torch.stack(logq)

@@ -1,0 +1,100 @@
+"""Batched multi-adapter scoring, separate full models, and KV-cache rollback."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaForCausalLM
+
+from personamix import Generator, PersonamixError
+from personamix.backend import Session
+
+from conftest import save_lora, save_tiny
+
+SEQ = [0, 3, 1, 4, 2, 2, 0]
+
+
+def test_batched_adapters_equal_separate_forwards(tiny_dir):
+    """One PEFT forward with adapter_names= over N+1 rows == each adapter on its own."""
+    base, adapters = tiny_dir
+    gen = Generator.from_pretrained(str(base), adapters=adapters, device="cpu")
+    batched = Session(gen.backend).logits("all", SEQ, len(SEQ))                 # [4, T, V]
+    ref = LlamaForCausalLM.from_pretrained(base).eval()
+    with torch.no_grad():
+        rows = [ref(torch.tensor([SEQ])).logits[0]]
+        for name, path in adapters.items():
+            single = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), path).eval()
+            rows.append(single(torch.tensor([SEQ])).logits[0])
+    assert torch.allclose(batched, torch.stack(rows), atol=1e-5)
+
+
+def test_separate_models_backend_matches_lora_backend(tiny_dir):
+    base, adapters = tiny_dir
+    lora = Generator.from_pretrained(str(base), adapters=adapters, device="cpu")
+    separate = Generator.from_pretrained(str(base), adapters=adapters, backend="separate", device="cpu")
+    a = Session(lora.backend).logits("all", SEQ, 3)
+    s = Session(separate.backend)
+    b = s.logits("all", SEQ, 3)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert s.forward_passes == 4              # one forward per model in the paper's setting
+    kw = dict(method="spec", weights={"E": 0.6, "T": 0.4}, max_new_tokens=12, seed=3, ignore_eos=True)
+    assert lora.generate(SEQ, **kw).token_ids == separate.generate(SEQ, **kw).token_ids
+
+
+def test_full_model_directories_as_preference_models(tiny_dir, tmp_path):
+    base, adapters = tiny_dir
+    merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapters["E"]).merge_and_unload()
+    merged.save_pretrained(tmp_path / "E_full")
+    gen = Generator.from_pretrained(str(base), adapters={"E": str(tmp_path / "E_full"), "N": adapters["N"]},
+                                    device="cpu")
+    assert type(gen.backend).__name__ == "SeparateModelsBackend"
+    lora = Generator.from_pretrained(str(base), adapters={"E": adapters["E"], "N": adapters["N"]}, device="cpu")
+    assert torch.allclose(Session(gen.backend).logits("all", SEQ), Session(lora.backend).logits("all", SEQ), atol=1e-5)
+
+
+@pytest.mark.parametrize("group", ["ref", "prefs", "all"])
+def test_rollback_gives_the_same_logits_as_recomputing(tiny_gen, group):
+    session = Session(tiny_gen.backend)
+    session.logits(group, SEQ[:4])
+    session.logits(group, SEQ[:4] + [1, 1, 1], 3)                  # a draft that gets rejected
+    rolled = session.logits(group, SEQ, 3)                          # rollback to 4, feed SEQ[4:]
+    assert session.cached(group) == SEQ
+    fresh = Session(tiny_gen.backend).logits(group, SEQ, 3)
+    assert torch.allclose(rolled, fresh, atol=1e-5)
+    before = session.forward_passes
+    session.logits(group, SEQ + [3])                                # only one new token is fed
+    assert session.forward_passes == before + 1 and session.cached(group) == SEQ + [3]
+
+
+def test_truncate_validates(tiny_gen):
+    session = Session(tiny_gen.backend)
+    session.logits("ref", SEQ)
+    with pytest.raises(ValueError):
+        session.truncate("ref", len(SEQ) + 1)
+    session.truncate("ref", 2)
+    assert session.cached("ref") == SEQ[:2]
+
+
+def test_full_model_with_another_vocabulary_is_refused(tiny_dir, tmp_path):
+    base, _ = tiny_dir
+    other = save_tiny(tmp_path / "other", vocab=7)
+    with pytest.raises(PersonamixError, match="vocabulary"):
+        Generator.from_pretrained(str(base), adapters={"E": str(other)}, device="cpu")
+
+
+def test_adapter_trained_on_another_base_is_refused(tiny_dir, tmp_path):
+    base, _ = tiny_dir
+    other = save_tiny(tmp_path / "wide", vocab=5, hidden=32)
+    foreign = save_lora(other, tmp_path / "foreign", seed=0)
+    with pytest.raises(PersonamixError, match="does not fit the reference"):
+        Generator.from_pretrained(str(base), adapters={"E": foreign}, device="cpu")
+
+
+def test_missing_adapter_path_is_a_clear_error(tiny_dir, tmp_path):
+    base, _ = tiny_dir
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PersonamixError, match="neither a PEFT adapter"):
+        Generator.from_pretrained(str(base), adapters={"E": str(tmp_path / "empty")}, device="cpu")
+    with pytest.raises(PersonamixError):
+        Generator.from_pretrained(str(base), adapters={"E": str(tmp_path / "does-not-exist")}, device="cpu")
+    with pytest.raises(PersonamixError, match="adapter name"):
+        Generator.from_pretrained(str(base), adapters={"bad name!": str(tmp_path)}, device="cpu")

@@ -1,0 +1,192 @@
+"""The Generator API: shapes, determinism, streaming, stats, EOS, and bad input."""
+
+import pytest
+import torch
+
+from personamix import Generator, PersonamixError
+from personamix.targets import Target
+
+PROMPT = [0, 1, 2]
+METHODS = ["base", "token", "token-rs", "scr", "spec"]
+
+
+def kw_for(method):
+    return {} if method == "base" else {"persona": "EN"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_shape_and_determinism(tiny_gen, method):
+    a = tiny_gen.generate(PROMPT, method=method, max_new_tokens=20, seed=7, ignore_eos=True, **kw_for(method))
+    b = tiny_gen.generate(PROMPT, method=method, max_new_tokens=20, seed=7, ignore_eos=True, **kw_for(method))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 20
+    assert all(0 <= t < 5 for t in a.token_ids)
+    assert a.text == tiny_gen.tokenizer.decode(a.token_ids, skip_special_tokens=True)
+    assert a.finish_reason == "length" and a.prompt_ids == PROMPT
+    assert a.stats.new_tokens == 20 and a.stats.forward_passes > 0
+    d = a.stats.to_dict()
+    assert d["method"] == method and d["tokens_per_s"] > 0
+    if method != "base":
+        assert a.weights == {"E": 0.5, "N": 0.5}
+    others = {tuple(tiny_gen.generate(PROMPT, method=method, max_new_tokens=20, seed=s, ignore_eos=True,
+                                      **kw_for(method)).token_ids) for s in range(4)}
+    assert len(others) > 1                                      # the seed matters
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stream_yields_the_generated_text(tiny_gen, method):
+    stream = tiny_gen.stream("a b c", method=method, max_new_tokens=15, seed=1, ignore_eos=True, **kw_for(method))
+    pieces = list(stream)
+    full = tiny_gen.generate("a b c", method=method, max_new_tokens=15, seed=1, ignore_eos=True, **kw_for(method))
+    assert "".join(pieces) == full.text and stream.result.token_ids == full.token_ids
+
+
+def test_scr_stats_are_consistent(tiny_gen):
+    r = tiny_gen.generate(PROMPT, method="scr", persona="ENT", max_new_tokens=60, seed=0, ignore_eos=True,
+                          k=3, warmup=2)
+    st = r.stats
+    assert st.warmup_chunks == 2
+    assert sum(st.chunks_accepted.values()) <= sum(st.chunks_proposed.values())
+    assert 0 <= st.accepted <= st.proposals
+    assert st.chunks_proposed[3] >= st.chunks_proposed[2] >= st.chunks_proposed[1]
+    # every step emits >= 1 token and costs k reference forwards + 1 scoring forward
+    assert st.forward_passes <= 4 * 60
+    assert "acceptance" in st.summary()
+
+
+def test_spec_accepts_everything_when_target_is_reference(tiny_dir):
+    """Adapters identical to the reference (a zero LoRA): every draft token must pass."""
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    base, _ = tiny_dir
+    out = tempfile.mkdtemp()
+    get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(out)
+    gen = Generator.from_pretrained(str(base), adapters={"E": out}, device="cpu")
+    r = gen.generate(PROMPT, method="spec", persona="E", max_new_tokens=30, seed=0, ignore_eos=True)
+    assert r.stats.accepted == r.stats.proposals
+    r = gen.generate(PROMPT, method="token-rs", persona="E", max_new_tokens=30, seed=0, ignore_eos=True)
+    assert r.stats.accepted == r.stats.proposals == 30
+
+
+def test_eos_ends_generation(tiny_gen):
+    eos_gen = Generator(tiny_gen.backend, tiny_gen.tokenizer, eos_token_ids=[3])
+    for method in METHODS:
+        r = eos_gen.generate(PROMPT, method=method, max_new_tokens=60, seed=0, **kw_for(method))
+        assert r.finish_reason == "stop" and 3 not in r.token_ids and len(r.token_ids) < 60
+
+
+def test_acceptance_collapse_ends_within_the_retry_bound(tiny_gen):
+    """A target far from the reference: Token-RS hits its retry bound and falls back to an
+    exact draw instead of looping; SCR still emits a token per step."""
+    weights = {"E": 40.0, "N": -40.0}
+    r = tiny_gen.generate(PROMPT, method="token-rs", weights=weights, aggregation="geometric",
+                          max_new_tokens=10, seed=0, max_retries=4, ignore_eos=True)
+    assert len(r.token_ids) == 10 and r.stats.rs_exhausted > 0 and r.stats.proposals <= 40
+    r = tiny_gen.generate(PROMPT, method="scr", weights=weights, aggregation="geometric",
+                          max_new_tokens=10, seed=0, max_retries=4, ignore_eos=True)
+    assert len(r.token_ids) == 10
+
+
+def test_negative_weights_count_clamps(tiny_gen):
+    r = tiny_gen.generate(PROMPT, method="token-rs", weights={"E": 1.0, "N": -1.0}, max_new_tokens=40,
+                          seed=0, ignore_eos=True)
+    assert r.stats.clamps > 0
+
+
+def test_top_k_restricts_every_method(tiny_gen):
+    from personamix.backend import Session
+    from personamix.targets import log_probs
+
+    for method in METHODS:
+        r = tiny_gen.generate(PROMPT, method=method, max_new_tokens=8, seed=2, top_k=1, ignore_eos=True,
+                              **kw_for(method))
+        # top_k=1 leaves the reference's argmax only: greedy decoding of the reference
+        seq = list(PROMPT)
+        for t in r.token_ids:
+            assert t == int(Session(tiny_gen.backend).logits("ref", seq)[0, -1].argmax())
+            seq.append(t)
+
+
+def test_text_prompt_without_chat_template(tiny_gen):
+    r = tiny_gen.generate("a b c", method="token", persona="E", max_new_tokens=3, seed=0)
+    assert r.prompt_ids == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"persona": "entj"}, "uppercase"),
+    ({"persona": "EQ"}, "unknown persona letter"),
+    ({"persona": "ENTJ"}, "needs adapter"),
+    ({"weights": {"E": 0.0, "N": 0.0}}, "all zero"),
+    ({"weights": {"E": -1.0}}, "positive weight"),
+    ({"weights": {"X": 1.0}}, "unknown adapter"),
+    ({"weights": {"E": "a lot"}}, "must be a number"),
+    ({"persona": "E", "weights": {"E": 1.0}}, "either persona"),
+    ({"method": "beam"}, "unknown method"),
+    ({"aggregation": "max"}, "aggregation"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 1000}, "context"),
+    ({"k": 0}, "chunk size"),
+    ({"k": 2.5}, "chunk size"),
+    ({"window": 0}, "window"),
+    ({"gamma": 0.5}, "gamma"),
+    ({"warmup": -1}, "warmup"),
+    ({"bound": "loose"}, "bound"),
+    ({"max_retries": 0}, "max_retries"),
+    ({"temperature": 0.0}, "temperature"),
+    ({"top_p": 2.0}, "top_p"),
+    ({"seed": -3}, "seed"),
+    ({"method": "base", "persona": "E"}, "no persona"),
+])
+def test_bad_settings_are_clear_errors(tiny_gen, kwargs, msg):
+    with pytest.raises(PersonamixError, match=msg):
+        tiny_gen.generate(PROMPT, **kwargs)
+
+
+@pytest.mark.parametrize("prompt,msg", [
+    ([], "empty"),
+    ([0, 99], "outside the vocabulary"),
+    ([0, -1], "outside the vocabulary"),
+    ([0, 1.5], "token ids"),
+    (12, "prompt must be"),
+    ([{"role": "user"}], "chat template"),
+    ([0] * 64, "context"),
+])
+def test_bad_prompts_are_clear_errors(tiny_gen, prompt, msg):
+    with pytest.raises(PersonamixError, match=msg):
+        tiny_gen.generate(prompt, persona="E")
+
+
+def test_generation_up_to_the_context_end(tiny_gen):
+    """Drafts never run past the context: the last tokens of a full context still work."""
+    prompt = [1] * 50
+    for method in ("scr", "spec"):
+        r = tiny_gen.generate(prompt, method=method, persona="E", max_new_tokens=14, k=8, seed=0, ignore_eos=True)
+        assert len(r.token_ids) == 14
+
+
+def test_no_adapters_means_base_only(tiny_dir):
+    base, _ = tiny_dir
+    gen = Generator.from_pretrained(str(base), device="cpu")
+    assert len(gen.generate(PROMPT, method="base", max_new_tokens=5, seed=0, ignore_eos=True).token_ids) == 5
+    with pytest.raises(PersonamixError, match="no preference models"):
+        gen.generate(PROMPT, method="scr", persona="E")
+
+
+def test_unused_adapters_are_not_scored(tiny_gen):
+    """persona="E" with three adapters loaded: only the E row is in the forwards."""
+    calls = []
+    backend = tiny_gen.backend
+    original = backend.forward
+
+    def spy(group, tokens, cache, n_logits, names):
+        calls.append(tuple(names))
+        return original(group, tokens, cache, n_logits, names)
+
+    backend.forward = spy
+    try:
+        tiny_gen.generate(PROMPT, method="token", persona="E", max_new_tokens=3, seed=0)
+    finally:
+        del backend.forward
+    assert calls and all(c == ("E",) for c in calls)

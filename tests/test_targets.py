@@ -1,0 +1,121 @@
+"""The target math on its own: aggregation formulas, clamps, support truncation, personas."""
+
+import math
+
+import pytest
+import torch
+
+from personamix import PersonamixError
+from personamix.targets import (Target, aggregate, chunk_scores, log_probs, parse_persona,
+                                resolve_weights, token_target)
+
+
+def test_linear_matches_direct_formula_with_signed_weights():
+    torch.manual_seed(0)
+    l = torch.randn(3, 50, dtype=torch.float64) * 3
+    w = torch.tensor([0.9, -0.4, 0.5], dtype=torch.float64)
+    s, clamped = aggregate(l, w, "linear", floor=-30.0)
+    direct = (w[:, None] * l.exp()).sum(0)
+    assert torch.equal(clamped, direct <= 0)
+    assert torch.allclose(s[~clamped], direct[~clamped].log())
+    assert torch.all(s[clamped] == -30.0)
+
+
+def test_linear_is_stable_for_large_ratios():
+    l = torch.tensor([[800.0], [799.0]], dtype=torch.float64)
+    s, clamped = aggregate(l, torch.tensor([1.0, -0.5], dtype=torch.float64), "linear")
+    assert not clamped.any() and torch.isfinite(s).all()
+    assert math.isclose(float(s), 800 + math.log(1 - 0.5 * math.exp(-1)), rel_tol=1e-12)
+
+
+def test_geometric_is_weighted_sum():
+    l = torch.randn(4, 7)
+    w = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    s, clamped = aggregate(l, w, "geometric")
+    assert torch.allclose(s, (w[:, None] * l).sum(0)) and not clamped.any()
+
+
+def test_linear_with_convex_weights_is_the_mixture():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 30)
+    target = Target(names=("a", "b", "c"), weights=(0.2, 0.5, 0.3))
+    logp = log_probs(logits, target)
+    p_star = token_target(logp, target)[0].exp()
+    mixture = (torch.tensor([0.2, 0.5, 0.3])[:, None] * logp[1:].exp()).sum(0)
+    assert torch.allclose(p_star, mixture, atol=1e-6)
+
+
+def test_geometric_is_product_of_experts():
+    torch.manual_seed(2)
+    logp = torch.log_softmax(torch.randn(3, 20, dtype=torch.float64), -1)
+    target = Target(names=("a", "b"), weights=(0.7, -0.3), aggregation="geometric")
+    got = token_target(logp, target)[0]
+    want = torch.log_softmax((1 - 0.4) * logp[0] + 0.7 * logp[1] - 0.3 * logp[2], -1)
+    assert torch.allclose(got, want)
+
+
+def test_scaling_linear_weights_does_not_change_the_target():
+    logp = torch.log_softmax(torch.randn(3, 20), -1)
+    a = token_target(logp, Target(names=("a", "b"), weights=(0.3, 0.7)))[0]
+    b = token_target(logp, Target(names=("a", "b"), weights=(3.0, 7.0)))[0]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_temperature_and_truncation_share_the_reference_support():
+    logits = torch.tensor([[4.0, 3.0, 1.0, 0.0, -1.0], [0.0, 0.0, 5.0, 0.0, 0.0]])
+    t = Target(names=("a",), weights=(1.0,), top_k=2)
+    logp = log_probs(logits, t)
+    assert torch.isfinite(logp[:, :2]).all() and torch.isinf(logp[:, 2:]).all()
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(2))
+    p_star = token_target(logp, t)[0].exp()
+    assert p_star[2:].sum() == 0 and math.isclose(float(p_star.sum()), 1.0, rel_tol=1e-6)
+    top_p = log_probs(logits, Target(names=("a",), weights=(1.0,), top_p=0.5))
+    assert torch.isfinite(top_p[0]).sum() == 1          # the first token alone has > 50% mass
+    hot = log_probs(logits, Target(names=("a",), weights=(1.0,), temperature=2.0))
+    assert torch.allclose(hot, torch.log_softmax(logits / 2, -1))
+
+
+def test_chunk_scores_sum_token_log_ratios():
+    torch.manual_seed(3)
+    logp = torch.log_softmax(torch.randn(3, 4, 6, dtype=torch.float64), -1)  # N+1=3, k=4
+    chunk = torch.tensor([1, 0, 5, 2])
+    target = Target(names=("a", "b"), weights=(1.0, 1.0), aggregation="geometric")
+    s, _ = chunk_scores(logp[0], logp[1:], chunk, target)
+    tok = logp[:, torch.arange(4), chunk]                       # [3, 4]
+    want = ((tok[1] - tok[0]).cumsum(0) + (tok[2] - tok[0]).cumsum(0))
+    assert torch.allclose(s, want)
+
+
+def test_persona_parsing():
+    assert parse_persona("ENTJ") == ["E", "N", "T", "J"]
+    assert resolve_weights(list("EINSTFJP"), persona="IS") == {"I": 0.5, "S": 0.5}
+    for bad, msg in [("entj", "uppercase"), ("EXTJ", "X"), ("EI", "both poles"), ("EE", "repeats"), ("", "non-empty")]:
+        with pytest.raises(PersonamixError, match=msg):
+            parse_persona(bad)
+    with pytest.raises(PersonamixError, match="needs adapter"):
+        resolve_weights(["E", "N"], persona="ENTJ")
+
+
+@pytest.mark.parametrize("weights,agg,msg", [
+    ({"a": 0.0, "b": 0.0}, "linear", "all zero"),
+    ({"a": -1.0, "b": 0.0}, "linear", "at least one positive"),
+    ({"a": float("nan")}, "geometric", "finite"),
+    ({"a": float("inf")}, "linear", "finite"),
+])
+def test_weights_that_cannot_form_a_distribution(weights, agg, msg):
+    with pytest.raises(PersonamixError, match=msg):
+        Target(names=tuple(weights), weights=tuple(weights.values()), aggregation=agg)
+
+
+def test_negative_only_weights_are_fine_for_geometric():
+    Target(names=("a",), weights=(-1.0,), aggregation="geometric")
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"temperature": 0}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_k": -1}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"aggregation": "harmonic"}, "aggregation"),
+])
+def test_bad_target_settings(kw, msg):
+    with pytest.raises(PersonamixError, match=msg):
+        Target(names=("a",), weights=(1.0,), **kw)
