@@ -15,6 +15,7 @@ model, so a remote backend only has to implement `Backend` (new_cache, forward, 
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal, Protocol, Sequence
 
 import torch
@@ -101,6 +102,13 @@ class Session:
             self._tokens[group] = cached[:length]
 
 
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """The name under which this transformers version takes the KV cache (`cache` from 5.24 on,
+    `past_key_values` before)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _crop(cache: DynamicCache, n_remove: int) -> None:
     # transformers 5: a negative argument removes that many positions from the end
     cache.crop(-n_remove)
@@ -117,6 +125,7 @@ class LoraBackend:
         self.vocab_size = int(text_config.vocab_size)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
         self.device = next(model.parameters()).device
+        self._cache_kw = _cache_kwarg(model)
 
     def new_cache(self, group: Group, names: Sequence[str]) -> DynamicCache:
         return DynamicCache()
@@ -130,9 +139,9 @@ class LoraBackend:
             rows = {"ref": [BASE_ROW], "prefs": list(names), "all": [BASE_ROW, *names]}[group]
             if not rows:
                 raise PersonamixError("no preference models take part")
-        kwargs = {} if rows is None else {"adapter_names": rows}
+        kwargs = {self._cache_kw: cache} if rows is None else {self._cache_kw: cache, "adapter_names": rows}
         ids = tokens.view(1, -1).expand(1 if rows is None else len(rows), -1)
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=n_logits, **kwargs)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **kwargs)
         return out.logits, 1
 
     def crop(self, cache: DynamicCache, n_remove: int) -> None:
@@ -153,6 +162,7 @@ class SeparateModelsBackend:
         self.vocab_size = int(text_config.vocab_size)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
         self.device = next(ref.parameters()).device
+        self._cache_kw = _cache_kwarg(ref)
 
     def _models(self, group: Group, names: Sequence[str]) -> list[PreTrainedModel]:
         prefs = [self.prefs[n] for n in names]
@@ -168,7 +178,7 @@ class SeparateModelsBackend:
         if not models:
             raise PersonamixError("no preference models take part")
         ids = tokens.view(1, -1)
-        logits = [m(input_ids=ids, past_key_values=c, use_cache=True, logits_to_keep=n_logits).logits
+        logits = [m(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{self._cache_kw: c}).logits
                   for m, c in zip(models, cache)]
         return torch.cat(logits, dim=0), len(models)
 

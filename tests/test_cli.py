@@ -1,0 +1,35 @@
+"""The command line, in-process, on the tiny model."""
+
+import pytest
+
+from personamix.cli import _parse_weights, main
+
+
+def test_generate_streams_text_and_stats(tiny_dir, capsys):
+    base, adapters = tiny_dir
+    argv = ["generate", "a b", "--model", str(base), "--persona", "EN", "--method", "scr", "--max-new-tokens", "6",
+            "--seed", "0", "--stats", "--device", "cpu"]
+    for name in ("E", "N"):
+        argv += ["--adapter", f"{name}={adapters[name]}"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "tok/s" in out.err and "forward passes/token" in out.err and "acceptance" in out.err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--persona", "entj"], "uppercase"),
+    (["--weights", "E=lots"], "--weights expects"),
+    (["--adapter", "E"], "--adapter expects"),
+    (["--method", "nope"], "unknown method"),
+])
+def test_errors_are_one_clear_line(tiny_dir, capsys, extra, msg):
+    base, adapters = tiny_dir
+    argv = ["generate", "a", "--model", str(base), "--adapter", f"E={adapters['E']}", "--device", "cpu", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_weights_parser():
+    assert _parse_weights("E=0.7, N=-0.3") == {"E": 0.7, "N": -0.3}
+    assert _parse_weights(None) is None

