@@ -27,6 +27,10 @@ def test_generate_shape_and_determinism(tiny_gen, method):
     assert d["method"] == method and d["tokens_per_s"] > 0
     if method != "base":
         assert a.weights == {"E": 0.5, "N": 0.5}
+    unseeded = tiny_gen.generate(PROMPT, method=method, max_new_tokens=20, ignore_eos=True, **kw_for(method))
+    again = tiny_gen.generate(PROMPT, method=method, max_new_tokens=20, ignore_eos=True, seed=unseeded.seed,
+                              **kw_for(method))
+    assert again.token_ids == unseeded.token_ids                 # the drawn seed reproduces the run
     others = {tuple(tiny_gen.generate(PROMPT, method=method, max_new_tokens=20, seed=s, ignore_eos=True,
                                       **kw_for(method)).token_ids) for s in range(4)}
     assert len(others) > 1                                      # the seed matters

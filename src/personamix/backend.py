@@ -79,10 +79,8 @@ class Session:
                                   f"{self.backend.max_length} tokens")
         cached = self.cached(group)
         keep = min(len(cached), len(seq) - n_logits)
-        for i in range(keep):  # first mismatch; in practice only the last few tokens differ
-            if cached[i] != seq[i]:
-                keep = i
-                break
+        if cached[:keep] != list(seq[:keep]):      # C-speed check first; then find the first mismatch
+            keep = next(i for i, (a, b) in enumerate(zip(cached, seq)) if a != b)
         self.truncate(group, keep)
         if group not in self._caches:
             self._caches[group] = self.backend.new_cache(group, self.names)

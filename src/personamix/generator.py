@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -28,6 +29,7 @@ class GenerationResult:
     prompt_ids: list[int]
     finish_reason: str            # "stop" (end-of-sequence token) or "length" (max_new_tokens)
     weights: dict[str, float] = field(default_factory=dict)
+    seed: int = 0                 # the seed used (drawn at random when none was given)
 
 
 class TextStream:
@@ -68,13 +70,14 @@ class _Run:
     prompt_ids: list[int]
     stats: Stats
     weights: dict[str, float]
+    seed: int
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
 
     def result(self, tokenizer) -> GenerationResult:
         text = tokenizer.decode(self.token_ids, skip_special_tokens=True) if tokenizer is not None else ""
         return GenerationResult(text, list(self.token_ids), self.stats, self.prompt_ids,
-                                self.finish_reason, self.weights)
+                                self.finish_reason, self.weights, self.seed)
 
 
 class Generator:
@@ -195,14 +198,13 @@ class Generator:
         if max_new_tokens > room:
             raise PersonamixError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                                   f"the model's context of {self.backend.max_length}; at most {room} new tokens fit")
-        run = _Run(prompt_ids, Stats(method), alphas)
-        return self._tokens(run, target, cfg, method, max_new_tokens, seed, ignore_eos), run
+        run = _Run(prompt_ids, Stats(method), alphas, secrets.randbits(63) if seed is None else seed)
+        return self._tokens(run, target, cfg, method, max_new_tokens, ignore_eos), run
 
     def _tokens(self, run: _Run, target: Target, cfg: SamplerConfig, method: str, max_new_tokens: int,
-                seed: int | None, ignore_eos: bool) -> Iterator[list[int]]:
-        device = self.backend.device
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+                ignore_eos: bool) -> Iterator[list[int]]:
+        rng = torch.Generator(device=self.backend.device)
+        rng.manual_seed(run.seed)
         session = Session(self.backend, target.names)
         sampler = METHODS[method](session, run.prompt_ids, target, cfg, rng, run.stats)
         stats, start = run.stats, time.perf_counter()

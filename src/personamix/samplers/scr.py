@@ -85,13 +85,14 @@ def _cascade(logp, chunk, s, clamped, windows, log_gamma, target, cfg, rng, stat
 def _verify_exact(logp, chunk, target, cfg, rng, stats) -> list[int]:
     """Token-by-token verification with the exact bound: token-level Token-RS whose first
     proposal at position j is the drafted c_j; exact for p* (warm-up and bound="exact")."""
-    s, _ = token_scores(logp, target)                                              # [k, V]
+    s, clamped = token_scores(logp, target)                                        # [k, V]
     log_m = s.masked_fill(~torch.isfinite(logp[0]), float("-inf")).amax(-1)       # [k]
     idx = torch.tensor(chunk, device=s.device).view(-1, 1)
     ok = (torch.rand(len(chunk), generator=rng, device=s.device).log()
           < s.gather(1, idx).squeeze(1) - log_m).tolist()
     n = ok.index(False) if False in ok else len(chunk)
     stats.accepted += n
+    stats.clamps += int(clamped.gather(1, idx)[: n + 1].sum())
     if n == len(chunk):
         return list(chunk)
     stats.proposals -= len(chunk) - n - 1      # drafted tokens after the rejection were never tested
