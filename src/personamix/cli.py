@@ -120,10 +120,11 @@ def cmd_demo(a: argparse.Namespace) -> None:
           "alone, then the MPG samplers over two RANDOM, UNTRAINED LoRA adapters named 'A' and 'B'.\n"
           "They are not personalities: they only show the samplers' mechanics, acceptance and speed.\n")
     gen = Generator.from_pretrained(a.model, adapters=random_adapters(a.model, ["A", "B"]), device=a.device)
-    print(f"Prompt: {a.prompt}\n")
+    print(f"Prompt: {a.prompt}   (temperature {a.temperature}, top-p {a.top_p}, seed {a.seed})\n")
     for method in ("base", "scr", "spec", "token"):
         print(f"--- {method}" + ("" if method == "base" else " (weights A=0.5, B=0.5 on random adapters)"))
-        kwargs = dict(method=method, max_new_tokens=a.max_new_tokens, seed=a.seed)
+        kwargs = dict(method=method, max_new_tokens=a.max_new_tokens, seed=a.seed, temperature=a.temperature,
+                      top_p=a.top_p)
         if method != "base":
             kwargs["weights"] = {"A": 0.5, "B": 0.5}
         result = _stream(gen, a.prompt, **kwargs)
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--prompt", default=DEMO_PROMPT)
     d.add_argument("--max-new-tokens", type=int, default=48)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--temperature", type=float, default=0.7)
+    d.add_argument("--top-p", type=float, default=0.9)
     d.add_argument("--device", default=None)
     d.set_defaults(func=cmd_demo)
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -88,6 +89,8 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path.lower() in (DEFAULT_MODEL, "default"):
         out = cache_dir() / "models" / DEFAULT_MODEL
         if not (out / "config.json").is_file():
+            print(f"personamix: converting the embedded SmolLM2-135M-Instruct GGUF once into {out} "
+                  "(about 20 s; later loads take a second)", file=sys.stderr)
             convert_gguf(default_gguf_path(), out)
         return str(out)
     return name_or_path

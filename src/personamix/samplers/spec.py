@@ -35,7 +35,7 @@ def sample(session: Session, prompt: list[int], target: Target, cfg: SamplerConf
         n = rejected.index(True) if True in rejected else k
         stats.proposals += min(n + 1, k)
         stats.accepted += n
-        stats.clamps += int(clamped[torch.arange(min(n + 1, k)), idx[: n + 1, 0]].sum())
+        stats.clamps += int(clamped[:k].gather(1, idx)[: n + 1].sum())
         if n < k:   # residual distribution at the first rejected position
             residual = (logp_star[n].exp() - logq[n].exp()).clamp_min(0)
             if float(residual.sum()) > 0:
