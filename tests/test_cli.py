@@ -33,3 +33,22 @@ def test_errors_are_one_clear_line(tiny_dir, capsys, extra, msg):
 def test_weights_parser():
     assert _parse_weights("E=0.7, N=-0.3") == {"E": 0.7, "N": -0.3}
     assert _parse_weights(None) is None
+
+
+def test_json_output_is_reproducible(tiny_dir, capsys):
+    import json
+
+    base, adapters = tiny_dir
+    argv = ["generate", "a b", "--model", str(base), "--adapter", f"E={adapters['E']}", "--persona", "E",
+            "--method", "spec", "--max-new-tokens", "5", "--seed", "4", "--json", "--device", "cpu"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) <= 5
+    assert first["stats"]["method"] == "spec" and first["seed"] == 4
+
+
+def test_missing_local_paths_are_named(tmp_path, capsys):
+    assert main(["generate", "a", "--model", str(tmp_path / "nope"), "--method", "base"]) == 2
+    assert "no such directory" in capsys.readouterr().err

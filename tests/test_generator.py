@@ -194,3 +194,12 @@ def test_unused_adapters_are_not_scored(tiny_gen):
     finally:
         del backend.forward
     assert calls and all(c == ("E",) for c in calls)
+
+
+def test_closing_a_stream_early_stops_the_sampler(tiny_gen):
+    stream = tiny_gen.stream(PROMPT, method="spec", persona="E", max_new_tokens=40, seed=0, ignore_eos=True)
+    next(stream)
+    committed = list(stream.token_ids)
+    stream.close()
+    list(stream)                                    # nothing more is generated after close()
+    assert stream.token_ids == committed and stream.stats.new_tokens == len(committed) < 40

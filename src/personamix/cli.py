@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -80,6 +81,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
         kwargs.update(persona=a.persona, weights=_parse_weights(a.weights))
     elif a.persona or a.weights:
         raise PersonamixError("--method base samples the reference alone: drop --persona/--weights")
+    if a.json:
+        result = gen.generate(a.prompt, chat_template=not a.no_chat_template, **kwargs)
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                          "weights": result.weights, "seed": result.seed, "stats": result.stats.to_dict()}))
+        return
     result = _stream(gen, a.prompt, chat_template=not a.no_chat_template, **kwargs)
     if a.stats:
         print(result.stats.summary(), file=sys.stderr)
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--backend", default="auto", help="auto | lora | separate")
     g.add_argument("--device", default=None)
     g.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as plain text")
+    g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead of streaming")
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
 

@@ -60,6 +60,16 @@ class TextStream:
                 return piece
         raise StopIteration
 
+    @property
+    def stats(self) -> Stats:
+        """Live statistics of the generation (updated after every committed step)."""
+        return self._run.stats
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The new tokens committed so far."""
+        return self._run.token_ids
+
     def close(self) -> None:
         """Stop early (e.g. a client went away): the sampler and its caches are released."""
         self._tokens.close()

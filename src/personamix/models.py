@@ -84,8 +84,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _check_local(name_or_path: str, what: str) -> None:
+    """A string that is plainly a filesystem path must exist (a hub id is owner/name)."""
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise PersonamixError(f"{what}: no such directory {name_or_path!r}")
+
+
 def resolve_model(name_or_path: str) -> str:
     """The embedded default's alias -> its converted local directory; anything else as given."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise PersonamixError(f"model must be a name, hub id or directory, got {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
+    _check_local(name_or_path, "reference model")
     if name_or_path.lower() in (DEFAULT_MODEL, "default"):
         out = cache_dir() / "models" / DEFAULT_MODEL
         if not (out / "config.json").is_file():
@@ -197,6 +208,11 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
     _check_names(adapters)
     if kind not in ("auto", "lora", "separate"):
         raise PersonamixError(f"backend must be 'auto', 'lora' or 'separate', got {kind!r}")
+    for name, path in adapters.items():
+        if not isinstance(path, (str, os.PathLike)):
+            raise PersonamixError(f"adapter {name!r}: expected a directory or hub id, got {type(path).__name__}")
+        _check_local(os.fspath(path), f"adapter {name!r}")
+    adapters = {name: os.fspath(path) for name, path in adapters.items()}
     lora = {name: is_lora_adapter(path) for name, path in adapters.items()}
     if kind == "auto":
         kind = "lora" if all(lora.values()) else "separate"
