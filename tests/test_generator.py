@@ -203,3 +203,15 @@ def test_closing_a_stream_early_stops_the_sampler(tiny_gen):
     stream.close()
     list(stream)                                    # nothing more is generated after close()
     assert stream.token_ids == committed and stream.stats.new_tokens == len(committed) < 40
+
+
+def test_concurrent_generations_are_independent(tiny_gen):
+    """Threads sharing one Generator get the same output as running alone (per-seed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = [dict(method=m, persona=p, seed=s, max_new_tokens=25, ignore_eos=True)
+            for m, p, s in [("token", "E", 1), ("spec", "N", 2), ("scr", "ET", 3), ("token-rs", "NT", 4)] * 2]
+    alone = [tiny_gen.generate(PROMPT, **kw).token_ids for kw in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda kw: tiny_gen.generate(PROMPT, **kw).token_ids, jobs))
+    assert together == alone

@@ -16,6 +16,7 @@ model, so a remote backend only has to implement `Backend` (new_cache, forward, 
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Literal, Protocol, Sequence
 
 import torch
@@ -124,6 +125,9 @@ class LoraBackend:
         self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_kwarg(model)
+        # PEFT passes adapter_names= through hooks registered on the shared modules for the
+        # duration of a call, so two concurrent calls would see each other's rows: serialise.
+        self._lock = threading.Lock()
 
     def new_cache(self, group: Group, names: Sequence[str]) -> DynamicCache:
         return DynamicCache()
@@ -139,7 +143,8 @@ class LoraBackend:
                 raise PersonamixError("no preference models take part")
         kwargs = {self._cache_kw: cache} if rows is None else {self._cache_kw: cache, "adapter_names": rows}
         ids = tokens.view(1, -1).expand(1 if rows is None else len(rows), -1)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **kwargs)
+        with self._lock:
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **kwargs)
         return out.logits, 1
 
     def crop(self, cache: DynamicCache, n_remove: int) -> None:
