@@ -215,3 +215,28 @@ def test_concurrent_generations_are_independent(tiny_gen):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda kw: tiny_gen.generate(PROMPT, **kw).token_ids, jobs))
     assert together == alone
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prefix_is_never_recomputed(tiny_gen, method):
+    """After the prompt, no forward feeds more than a chunk (+ the pending token): the KV caches
+    are reused across steps and rolled back, never rebuilt from the prefix."""
+    fed = []
+    backend = tiny_gen.backend
+    original = backend.forward
+
+    def spy(group, tokens, cache, n_logits, names):
+        fed.append((group, tokens.numel()))
+        return original(group, tokens, cache, n_logits, names)
+
+    backend.forward = spy
+    try:
+        tiny_gen.generate([0, 1, 2, 3, 4, 0, 1, 2], method=method, max_new_tokens=40, seed=0, ignore_eos=True,
+                          k=3, **kw_for(method))
+    finally:
+        del backend.forward
+    first_per_group = {}
+    for i, (group, n) in enumerate(fed):
+        first_per_group.setdefault(group, i)
+    later = [n for i, (group, n) in enumerate(fed) if i != first_per_group[group]]
+    assert later and max(later) <= 3 + 1

@@ -53,13 +53,14 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=1.2, help="scr: safety margin on the bound")
     p.add_argument("--warmup", type=int, default=5, help="scr: chunks verified exactly before the window is used")
     p.add_argument("--bound", default="window", help="scr: window (paper) | exact (oracle)")
+    p.add_argument("--max-retries", type=int, default=256, help="Token-RS proposals per token before an exact draw")
     p.add_argument("--stats", action="store_true", help="print acceptance, tokens/s, forward passes per token")
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(method=a.method, aggregation=a.aggregation, max_new_tokens=a.max_new_tokens, seed=a.seed,
                 temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, k=a.k, window=a.window,
-                gamma=a.gamma, warmup=a.warmup, bound=a.bound)
+                gamma=a.gamma, warmup=a.warmup, bound=a.bound, max_retries=a.max_retries)
 
 
 def _stream(gen, prompt, out=None, **kwargs):
