@@ -15,7 +15,6 @@ import math
 from collections import Counter
 
 import pytest
-import torch
 
 from personamix.backend import Session
 from personamix.targets import Target, log_probs, token_target

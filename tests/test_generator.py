@@ -1,10 +1,8 @@
 """The Generator API: shapes, determinism, streaming, stats, EOS, and bad input."""
 
 import pytest
-import torch
 
 from personamix import Generator, PersonamixError
-from personamix.targets import Target
 
 PROMPT = [0, 1, 2]
 METHODS = ["base", "token", "token-rs", "scr", "spec"]
@@ -101,7 +99,6 @@ def test_negative_weights_count_clamps(tiny_gen):
 
 def test_top_k_restricts_every_method(tiny_gen):
     from personamix.backend import Session
-    from personamix.targets import log_probs
 
     for method in METHODS:
         r = tiny_gen.generate(PROMPT, method=method, max_new_tokens=8, seed=2, top_k=1, ignore_eos=True,

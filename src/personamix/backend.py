@@ -108,6 +108,13 @@ def _cache_kwarg(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _model_facts(model: PreTrainedModel) -> tuple[int, int, torch.device, str]:
+    """(vocab size, context length, device, cache kwarg name) shared by both backends."""
+    text_config = model.config.get_text_config()
+    return (int(text_config.vocab_size), int(getattr(text_config, "max_position_embeddings", 2048)),
+            next(model.parameters()).device, _cache_kwarg(model))
+
+
 def _crop(cache: DynamicCache, n_remove: int) -> None:
     # transformers 5: a negative argument removes that many positions from the end
     cache.crop(-n_remove)
@@ -120,11 +127,7 @@ class LoraBackend:
     def __init__(self, model: PreTrainedModel, names: Sequence[str]):
         self.model = model.eval()
         self.names = tuple(names)
-        text_config = model.config.get_text_config()
-        self.vocab_size = int(text_config.vocab_size)
-        self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
-        self.device = next(model.parameters()).device
-        self._cache_kw = _cache_kwarg(model)
+        self.vocab_size, self.max_length, self.device, self._cache_kw = _model_facts(model)
         # PEFT passes adapter_names= through hooks registered on the shared modules for the
         # duration of a call, so two concurrent calls would see each other's rows: serialise.
         self._lock = threading.Lock()
@@ -161,11 +164,7 @@ class SeparateModelsBackend:
         self.ref = ref.eval()
         self.prefs = {name: m.eval() for name, m in zip(names, prefs)}
         self.names = tuple(names)
-        text_config = ref.config.get_text_config()
-        self.vocab_size = int(text_config.vocab_size)
-        self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
-        self.device = next(ref.parameters()).device
-        self._cache_kw = _cache_kwarg(ref)
+        self.vocab_size, self.max_length, self.device, self._cache_kw = _model_facts(ref)
 
     def _models(self, group: Group, names: Sequence[str]) -> list[PreTrainedModel]:
         prefs = [self.prefs[n] for n in names]

@@ -9,7 +9,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from .backend import Backend, LoraBackend, Session
+from .backend import Backend, Session
 from .errors import PersonamixError
 from .models import DEFAULT_MODEL, build_backend, load_reference, pick_device
 from .samplers import METHODS, SamplerConfig
@@ -252,4 +252,4 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(set(int(i) for i in ids))
 
 
-__all__ = ["Generator", "GenerationResult", "TextStream", "LoraBackend"]
+__all__ = ["Generator", "GenerationResult", "TextStream"]
