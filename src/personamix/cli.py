@@ -1,4 +1,4 @@
-"""Command line: `personamix generate ...` and `personamix demo`."""
+"""Command line: `personamix generate`, `demo`, `train`, `train-shipped`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from .errors import PersonamixError
+from .models import DEFAULT_MODEL, SHIPPED_DIR, SHIPPED_SETS, shipped_adapters
+from .train import TrainConfig
 
 DEMO_PROMPT = "How would you spend a free Saturday?"
 
@@ -76,7 +78,12 @@ def _stream(gen, prompt, out=None, **kwargs):
 def cmd_generate(a: argparse.Namespace) -> None:
     from .generator import Generator
 
-    gen = Generator.from_pretrained(a.model, adapters=_parse_adapters(a.adapter), backend=a.backend, device=a.device)
+    adapters = _parse_adapters(a.adapter)
+    if a.adapters:
+        adapters = {**shipped_adapters(a.adapters, a.model), **adapters}
+    elif not adapters and a.model == DEFAULT_MODEL and a.method != "base":
+        adapters = shipped_adapters("mbti", a.model)   # the default model's shipped MBTI poles
+    gen = Generator.from_pretrained(a.model, adapters=adapters, backend=a.backend, device=a.device)
     kwargs = _sampling_kwargs(a)
     if a.method != "base":
         kwargs.update(persona=a.persona, weights=_parse_weights(a.weights))
@@ -119,23 +126,72 @@ def random_adapters(model: str, names: list[str], seed: int = 0) -> dict[str, st
     return out
 
 
+DEMO_TYPES = ("ENTJ", "ISFP")
+
+
 def cmd_demo(a: argparse.Namespace) -> None:
     from .generator import Generator
 
-    print(f"personamix demo on {a.model} (embedded SmolLM2-135M-Instruct by default)\n")
-    print("NOTE: no trained personality adapters ship with personamix yet. This demo runs the reference\n"
-          "alone, then the MPG samplers over two RANDOM, UNTRAINED LoRA adapters named 'A' and 'B'.\n"
-          "They are not personalities: they only show the samplers' mechanics, acceptance and speed.\n")
-    gen = Generator.from_pretrained(a.model, adapters=random_adapters(a.model, ["A", "B"]), device=a.device)
+    print(f"personamix demo on {a.model} (embedded SmolLM2-135M-Instruct by default) with the eight shipped\n"
+          "MBTI adapters (DPO-trained LoRA, one per pole; see docs/adapters.md). Each type is sampled with\n"
+          "SCR from the linear aggregation of its four poles' density ratios, equal weights.\n")
+    gen = Generator.from_pretrained(a.model, adapters="mbti", device=a.device)
     print(f"Prompt: {a.prompt}   (temperature {a.temperature}, top-p {a.top_p}, seed {a.seed})\n")
-    for method in ("base", "scr", "spec", "token"):
-        print(f"--- {method}" + ("" if method == "base" else " (weights A=0.5, B=0.5 on random adapters)"))
-        kwargs = dict(method=method, max_new_tokens=a.max_new_tokens, seed=a.seed, temperature=a.temperature,
-                      top_p=a.top_p)
-        if method != "base":
-            kwargs["weights"] = {"A": 0.5, "B": 0.5}
-        result = _stream(gen, a.prompt, **kwargs)
+    common = dict(max_new_tokens=a.max_new_tokens, seed=a.seed, temperature=a.temperature, top_p=a.top_p)
+    print("--- reference alone (method base)")
+    result = _stream(gen, a.prompt, method="base", **common)
+    print(f"[{result.stats.summary()}]\n")
+    for persona in a.types:
+        print(f"--- {persona} (method {a.method}, adapters {', '.join(persona)})")
+        result = _stream(gen, a.prompt, method=a.method, persona=persona, **common)
         print(f"[{result.stats.summary()}]\n")
+
+
+_TRAIN_FIELDS = ("rank", "alpha", "dropout", "beta", "learning_rate", "epochs", "max_steps", "batch_size",
+                 "grad_accum", "max_length", "max_pairs", "holdout", "split_seed", "seed", "evals", "device")
+
+
+def _train_args(p: argparse.ArgumentParser, defaults) -> None:
+    for name in _TRAIN_FIELDS:
+        value = getattr(defaults, name)
+        kind = float if isinstance(value, float) else (int if isinstance(value, int) or value is None else str)
+        if name == "device":
+            kind = str
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
+    p.add_argument("--target-modules", default=",".join(defaults.target_modules))
+
+
+def _print_meta(meta: dict) -> None:
+    h = meta["held_out"]
+    print(f"{meta['attribute']}: {meta['steps']} steps on {meta['pairs_train']} pairs in {meta['wall_time_s']:.0f} s; "
+          f"held-out ({meta['pairs_held_out']} pairs) reward accuracy {h['reward_accuracy']:.3f}, "
+          f"mean margin {h['reward_margin']:.3f}")
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from .train import train_adapter
+
+    kwargs = {name: getattr(a, name) for name in _TRAIN_FIELDS}
+    cfg = TrainConfig(attribute=a.attribute, output_dir=a.out, model=a.model, data=a.data, data_dir=a.data_dir,
+                      keep_description=a.keep_description,
+                      target_modules=[m for m in a.target_modules.split(",") if m], **kwargs)
+    _print_meta(train_adapter(cfg))
+    print(f"saved to {a.out}")
+
+
+def cmd_train_shipped(a: argparse.Namespace) -> None:
+    from .train import read_meta, shipped_config, train_adapter
+
+    only = set(a.only.split(",")) if a.only else None
+    for set_name in a.sets:
+        for attribute in SHIPPED_SETS[set_name]:
+            if only is None or attribute in only:
+                cfg = shipped_config(set_name, attribute, a.out_root, data_dir=a.data_dir, device=a.device)
+                done = read_meta(cfg.output_dir)
+                if done is not None:
+                    print(f"{set_name}/{attribute}: already trained ({cfg.output_dir}); delete it to retrain")
+                    continue
+                _print_meta(train_adapter(cfg))
 
 
 def _quiet() -> None:
@@ -161,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", default="smollm2-135m-instruct", help="alias, hub id or local directory")
     g.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="a preference model: PEFT LoRA adapter dir / hub id, or a full model (repeatable)")
+    g.add_argument("--adapters", default=None, metavar="SET",
+                   help="shipped adapter set(s) for the default model: mbti, roleplay or mbti,roleplay "
+                        "(default model without --adapter: mbti)")
     g.add_argument("--persona", default=None, help="MBTI letters, e.g. ENTJ (equal weights on adapters E,N,T,J)")
     g.add_argument("--weights", default=None, help="explicit weights, e.g. E=0.7,N=0.3 (negative allowed)")
     g.add_argument("--backend", default="auto", help="auto | lora | separate")
@@ -178,7 +237,28 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--temperature", type=float, default=0.7)
     d.add_argument("--top-p", type=float, default=0.9)
     d.add_argument("--device", default=None)
+    d.add_argument("--method", default="scr")
+    d.add_argument("--types", nargs="+", default=list(DEMO_TYPES), help="MBTI types to show")
     d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="DPO-train one single-attribute LoRA adapter (TRL DPOTrainer)")
+    t.add_argument("attribute", help="an MBTI pole (E I S N T F J P), 'personality' or 'profile'")
+    t.add_argument("--out", required=True, help="adapter directory (re-running resumes from its checkpoints)")
+    t.add_argument("--model", default="smollm2-135m-instruct")
+    t.add_argument("--data", default=None, help="preference data: .json/.jsonl file, directory or hub id "
+                                                "(default: the paper's data for the attribute)")
+    t.add_argument("--data-dir", default=None, help="the paper's data root (default $PERSONAMIX_DATA or ../shared/data/mpg)")
+    t.add_argument("--keep-description", action="store_true", help="MBTI: keep the pole description in the prompt")
+    _train_args(t, TrainConfig(attribute="E", output_dir=""))
+    t.set_defaults(func=cmd_train)
+
+    ts = sub.add_parser("train-shipped", help="reproduce the adapters that ship with personamix")
+    ts.add_argument("--sets", nargs="+", default=list(SHIPPED_SETS), choices=list(SHIPPED_SETS))
+    ts.add_argument("--only", default=None, help="comma-separated attributes, e.g. E,I")
+    ts.add_argument("--out-root", default=str(SHIPPED_DIR))
+    ts.add_argument("--data-dir", default=None)
+    ts.add_argument("--device", default=None)
+    ts.set_defaults(func=cmd_train_shipped)
 
     args = parser.parse_args(argv)
     try:

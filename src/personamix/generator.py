@@ -11,7 +11,7 @@ import torch
 
 from .backend import Backend, Session
 from .errors import PersonamixError
-from .models import DEFAULT_MODEL, build_backend, load_reference, pick_device
+from .models import DEFAULT_MODEL, build_backend, load_reference, pick_device, shipped_adapters
 from .samplers import METHODS, SamplerConfig
 from .stats import Stats
 from .targets import Target, resolve_weights
@@ -99,12 +99,15 @@ class Generator:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
 
     @classmethod
-    def from_pretrained(cls, model: str = DEFAULT_MODEL, adapters: Mapping[str, str] | None = None, *,
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, adapters: Mapping[str, str] | str | None = None, *,
                         backend: str = "auto", device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> "Generator":
         """Load a reference (the embedded default's alias, a hub id or a local directory) and
         preference models: `adapters` maps a name ("E", "N", ...) to a PEFT LoRA adapter
-        directory / hub id, or to a full model (see models.build_backend for `backend`)."""
+        directory / hub id, or to a full model (see models.build_backend for `backend`). A string
+        names adapters shipped for the default model: "mbti", "roleplay" or "mbti,roleplay"."""
+        if isinstance(adapters, str):
+            adapters = shipped_adapters(adapters, model)
         ref, tokenizer = load_reference(model, pick_device(device), dtype)
         if ref.config.get_text_config().vocab_size < len(tokenizer):
             raise PersonamixError(f"tokenizer of {model!r} has {len(tokenizer)} tokens but the model only "
