@@ -2,7 +2,7 @@
 measured side by side (methods interleaved in each repeat), plus transformers' own
 `generate()` of the reference as the single-model yardstick.
 
-    python bench/engine_speed.py [--n 2 4] [--tokens 64] [--repeats 3] [--out docs/speed.md]
+    python bench/engine_speed.py [--n 2 4 8] [--backends fast lora] [--tokens 64] [--repeats 3] [--out docs/speed.md]
 """
 
 from __future__ import annotations
@@ -20,30 +20,31 @@ import torch
 
 from personamix import Generator
 from personamix.cli import _quiet, random_adapters
-from personamix.models import DEFAULT_MODEL
+from personamix.models import DEFAULT_MODEL, load_reference
+
+def label(method: str, backend: str | None) -> str:
+    return method if backend is None else f"{method} [{backend}]"
+
 
 PROMPT = "Write a short paragraph about how you like to spend a free weekend."
 METHODS = ["base", "token", "token-rs", "scr", "spec"]
 
 
-def hf_generate(gen: Generator, ids: list[int], tokens: int, seed: int) -> float:
-    model = gen.backend.model
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+def hf_generate(model, ids: list[int], tokens: int, seed: int) -> float:
+    """transformers' own sampling loop on the plain reference (no adapter machinery loaded)."""
     torch.manual_seed(seed)
     x = torch.tensor([ids])
     start = time.perf_counter()
-    if hasattr(gen.backend.model, "disable_adapter"):
-        with gen.backend.model.disable_adapter():
-            out = model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, top_k=0)
-    else:
-        out = model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, top_k=0)
+    out = model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, top_k=0)
     elapsed = time.perf_counter() - start
     return (out.shape[1] - x.shape[1]) / elapsed
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--backends", nargs="+", default=["fast", "lora"],
+                    help="fast (batched multi-LoRA), lora (PEFT adapter_names=), separate (merged copies)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=4)
@@ -52,24 +53,28 @@ def main() -> None:
     _quiet()
     torch.manual_seed(0)
     rows = []
+    plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
     for n in a.n:
         names = [chr(ord("A") + i) for i in range(n)]
-        gen = Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, names), device="cpu")
-        ids = gen.encode(PROMPT)
+        adapters = random_adapters(DEFAULT_MODEL, names)
+        gens = {b: Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend=b, device="cpu")
+                for b in a.backends}
+        ids = next(iter(gens.values())).encode(PROMPT)
         weights = {name: 1.0 / n for name in names}
-        results: dict[str, list] = {m: [] for m in ["generate()"] + METHODS}
+        runs_of = [("generate()", None, None)] + [(m, b, g) for b, g in gens.items() for m in METHODS]
+        results: dict[str, list] = {label(m, b): [] for m, b, _ in runs_of}
         for rep in range(a.repeats + 1):                      # repeat 0 is the warm-up
-            for method in ["generate()"] + METHODS:
-                if method == "generate()":
-                    tps, extra = hf_generate(gen, ids, a.tokens, rep), {}
+            for method, backend, gen in runs_of:
+                if gen is None:
+                    tps, extra = hf_generate(plain, ids, a.tokens, rep), {}
                 else:
                     kw = {} if method == "base" else {"weights": weights}
                     r = gen.generate(ids, method=method, max_new_tokens=a.tokens, seed=rep, ignore_eos=True,
                                      k=a.k, **kw)
                     tps, extra = r.stats.tokens_per_s, r.stats
                 if rep:
-                    results[method].append((tps, extra))
-        base_med = statistics.median(t for t, _ in results["base"])
+                    results[label(method, backend)].append((tps, extra))
+        base_med = statistics.median(t for t, _ in results[label("base", a.backends[0])])
         hf_med = statistics.median(t for t, _ in results["generate()"])
         for method, runs in results.items():
             tps = [t for t, _ in runs]
@@ -92,7 +97,7 @@ def main() -> None:
     info = (f"SmolLM2-135M-Instruct fp32, CPU ({os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {platform.machine()}), {a.tokens} new tokens, k={a.k}, "
             f"random rank-8 LoRA adapters on q/k/v/o, median of {a.repeats} repeats after a warm-up, "
-            f"methods interleaved")
+            f"methods and backends interleaved; x base is against `base` on the {a.backends[0]} backend")
     print(info)
     print(table)
     if a.out:

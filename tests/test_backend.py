@@ -13,10 +13,11 @@ from conftest import save_lora, save_tiny
 SEQ = [0, 3, 1, 4, 2, 2, 0]
 
 
-def test_batched_adapters_equal_separate_forwards(tiny_dir):
-    """One PEFT forward with adapter_names= over N+1 rows == each adapter on its own."""
+@pytest.mark.parametrize("backend", ["fast", "lora"])
+def test_batched_adapters_equal_separate_forwards(tiny_dir, backend):
+    """One forward over N+1 rows (fast batched deltas, or PEFT adapter_names=) == each adapter on its own."""
     base, adapters = tiny_dir
-    gen = Generator.from_pretrained(str(base), adapters=adapters, device="cpu")
+    gen = Generator.from_pretrained(str(base), adapters=adapters, backend=backend, device="cpu")
     batched = Session(gen.backend).logits("all", SEQ, len(SEQ))                 # [4, T, V]
     ref = LlamaForCausalLM.from_pretrained(base).eval()
     with torch.no_grad():
@@ -27,9 +28,10 @@ def test_batched_adapters_equal_separate_forwards(tiny_dir):
     assert torch.allclose(batched, torch.stack(rows), atol=1e-5)
 
 
-def test_separate_models_backend_matches_lora_backend(tiny_dir):
+@pytest.mark.parametrize("backend", ["fast", "lora"])
+def test_separate_models_backend_matches_lora_backend(tiny_dir, backend):
     base, adapters = tiny_dir
-    lora = Generator.from_pretrained(str(base), adapters=adapters, device="cpu")
+    lora = Generator.from_pretrained(str(base), adapters=adapters, backend=backend, device="cpu")
     separate = Generator.from_pretrained(str(base), adapters=adapters, backend="separate", device="cpu")
     a = Session(lora.backend).logits("all", SEQ, 3)
     s = Session(separate.backend)
@@ -98,3 +100,17 @@ def test_missing_adapter_path_is_a_clear_error(tiny_dir, tmp_path):
         Generator.from_pretrained(str(base), adapters={"E": str(tmp_path / "does-not-exist")}, device="cpu")
     with pytest.raises(PersonamixError, match="adapter name"):
         Generator.from_pretrained(str(base), adapters={"bad name!": str(tmp_path)}, device="cpu")
+
+
+def test_rolling_back_into_a_draft_reuses_its_logits(tiny_gen):
+    """After a partially accepted draft, the logits after the accepted prefix were computed while
+    drafting: asking for them again costs no forward and equals a fresh computation."""
+    session = Session(tiny_gen.backend)
+    for n in range(4, len(SEQ) + 1):               # draft SEQ[4:] token by token
+        session.logits("ref", SEQ[:n])
+    before = session.forward_passes
+    again = session.logits("ref", SEQ[:6])          # accept 2 drafted tokens, roll back the rest
+    assert session.forward_passes == before and session.cached("ref") == SEQ[:6]
+    assert torch.allclose(again, Session(tiny_gen.backend).logits("ref", SEQ[:6]), atol=1e-5)
+    session.logits("ref", SEQ[:6] + [4])            # a new token after the rollback is fed normally
+    assert session.forward_passes == before + 1

@@ -45,3 +45,36 @@ def test_separate_models_setting_on_the_real_model(smol):
     kw = dict(weights={"A": 0.5, "B": 0.5}, method="spec", max_new_tokens=10, seed=1, ignore_eos=True)
     a, b = smol.generate("Hi!", **kw), sep.generate("Hi!", **kw)
     assert a.token_ids == b.token_ids
+
+
+@pytest.fixture(scope="module")
+def mbti():
+    return Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", device="cpu")
+
+
+def test_shipped_adapters_fast_path_equals_peft(mbti):
+    import torch
+
+    from personamix.backend import Session
+
+    peft = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", backend="lora", device="cpu")
+    ids = mbti.encode("How do you spend a free Saturday?")
+    a = Session(mbti.backend, ["E", "N", "T", "J"]).logits("all", ids, 3)
+    b = Session(peft.backend, ["E", "N", "T", "J"]).logits("all", ids, 3)
+    assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+    assert (a[1:] - a[:1]).abs().max() > 0.1        # the trained adapters move the logits
+
+
+def test_shipped_adapters_generate_a_persona(mbti):
+    r = mbti.generate("How do you spend a free Saturday?", persona="ENTJ", method="scr", max_new_tokens=16, seed=0)
+    assert r.text.strip() and r.weights == {"E": 0.25, "N": 0.25, "T": 0.25, "J": 0.25}
+    roleplay = Generator.from_pretrained(DEFAULT_MODEL, adapters="roleplay", device="cpu")
+    assert roleplay.adapter_names == ("personality", "profile")
+
+
+def test_demo_shows_entj_and_isfp(capsys):
+    from personamix.cli import main
+
+    assert main(["demo", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "--- ENTJ" in out and "--- ISFP" in out and "acceptance" in out

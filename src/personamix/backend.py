@@ -55,6 +55,8 @@ class Session:
     simply asking about the sequence without it; the prefix is never recomputed.
     """
 
+    MEMO = 8   # logits kept per group for the latest positions (a draft's tail, reused after a rollback)
+
     def __init__(self, backend: Backend, names: Sequence[str] | None = None):
         self.backend = backend
         self.names = tuple(backend.names if names is None else names)
@@ -64,6 +66,8 @@ class Session:
         self.forward_passes = 0
         self._caches: dict[str, object] = {}
         self._tokens: dict[str, list[int]] = {}
+        # group -> {p: logits [rows, V] after the first p cached tokens}; valid while those stay cached
+        self._memo: dict[str, dict[int, torch.Tensor]] = {}
 
     def cached(self, group: Group) -> list[int]:
         """The tokens whose keys/values the group's cache holds."""
@@ -79,9 +83,15 @@ class Session:
             raise PersonamixError(f"sequence of {len(seq)} tokens exceeds the model's context of "
                                   f"{self.backend.max_length} tokens")
         cached = self.cached(group)
-        keep = min(len(cached), len(seq) - n_logits)
+        keep = min(len(cached), len(seq))
         if cached[:keep] != list(seq[:keep]):      # C-speed check first; then find the first mismatch
             keep = next(i for i, (a, b) in enumerate(zip(cached, seq)) if a != b)
+        memo = self._memo.setdefault(group, {})
+        wanted = range(len(seq) - n_logits + 1, len(seq) + 1)
+        if keep == len(seq) and all(p in memo for p in wanted):
+            self.truncate(group, keep)               # e.g. rolled back into a draft: logits already known
+            return torch.stack([memo[p] for p in wanted], dim=1)
+        keep = min(keep, len(seq) - n_logits)
         self.truncate(group, keep)
         if group not in self._caches:
             self._caches[group] = self.backend.new_cache(group, self.names)
@@ -89,6 +99,10 @@ class Session:
         logits, passes = self.backend.forward(group, new, self._caches[group], n_logits, self.names)
         self.forward_passes += passes
         self._tokens[group] = list(seq)
+        for j, p in enumerate(wanted):
+            memo[p] = logits[:, j]
+        for p in sorted(memo)[:-self.MEMO]:
+            del memo[p]
         return logits
 
     def truncate(self, group: Group, length: int) -> None:
@@ -99,6 +113,9 @@ class Session:
         if length < len(cached):
             self.backend.crop(self._caches[group], len(cached) - length)
             self._tokens[group] = cached[:length]
+            memo = self._memo.get(group, {})
+            for p in [p for p in memo if p > length]:
+                del memo[p]
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:

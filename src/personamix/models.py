@@ -17,6 +17,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -226,28 +227,44 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
                   kind: str = "auto", dtype: torch.dtype | None = None):
     """A backend over the reference and preference models.
 
-    kind="lora": all preferences are PEFT LoRA adapters on the reference, scored in one batched
-    forward. kind="separate": every preference model is a full model (a LoRA adapter is merged
-    into its own copy of the reference: the paper's setting). "auto": lora when every entry is
-    an adapter, else separate.
+    kind="fast": all preferences are LoRA adapters, scored in one forward with batched low-rank
+    deltas (fastlora.py). kind="lora": the same through PEFT's `adapter_names=` (the reference
+    implementation; slower). kind="separate": every preference model is a full model (a LoRA
+    adapter is merged into its own copy of the reference: the paper's setting). "auto": fast
+    when every entry is a LoRA adapter it supports; else lora (PEFT batches), or separate for
+    adapters PEFT cannot batch (DoRA) and for full models.
     """
+    from .fastlora import FastLoraBackend, UnsupportedAdapter
+
     adapters = dict(adapters or {})
     _check_names(adapters)
-    if kind not in ("auto", "lora", "separate"):
-        raise PersonamixError(f"backend must be 'auto', 'lora' or 'separate', got {kind!r}")
+    if kind not in ("auto", "fast", "lora", "separate"):
+        raise PersonamixError(f"backend must be 'auto', 'fast', 'lora' or 'separate', got {kind!r}")
     for name, path in adapters.items():
         if not isinstance(path, (str, os.PathLike)):
             raise PersonamixError(f"adapter {name!r}: expected a directory or hub id, got {type(path).__name__}")
         _check_local(os.fspath(path), f"adapter {name!r}")
     adapters = {name: os.fspath(path) for name, path in adapters.items()}
     lora = {name: is_lora_adapter(path) for name, path in adapters.items()}
+    requested = kind
     if kind == "auto":
-        kind = "lora" if all(lora.values()) else "separate"
-    if kind == "lora":
+        kind = "fast" if all(lora.values()) else "separate"
+    if kind in ("fast", "lora"):
         full = [n for n, is_lora in lora.items() if not is_lora]
         if full:
-            raise PersonamixError(f"backend='lora' needs PEFT adapters, but {', '.join(full)} are full models; "
+            raise PersonamixError(f"backend={kind!r} needs PEFT adapters, but {', '.join(full)} are full models; "
                                   "use backend='separate'")
+    if kind == "fast":
+        for name, path in adapters.items():
+            check_same_vocab(tokenizer, path, f"adapter {name!r}")
+        try:
+            return FastLoraBackend(ref, adapters)
+        except UnsupportedAdapter as e:
+            if requested == "fast":
+                raise
+            kind = "lora" if e.peft_batchable else "separate"
+            warnings.warn(f"{e}; falling back to PEFT (backend={kind!r}, slower)")
+    if kind == "lora":
         model = ref
         for name, path in adapters.items():
             model = _attach_lora(model, name, path, tokenizer)

@@ -164,9 +164,10 @@ def read_meta(adapter_dir: str | os.PathLike) -> dict | None:
 
 
 # The recipe of the adapters that ship in the package (docs/adapters.md). CPU budget: each trains
-# on a seeded random subset of 160 pairs for one epoch (20 optimiser steps of 8 pairs).
+# on a seeded random subset of 160 MBTI pairs (20 optimiser steps of 8 pairs) or 96 role-play
+# pairs (12 steps; their prompts are twice as long).
 SHIPPED_RECIPE = {"mbti": dict(max_pairs=160, max_length=192),
-                  "roleplay": dict(max_pairs=160, max_length=384)}
+                  "roleplay": dict(max_pairs=96, max_length=384)}
 
 
 def shipped_config(set_name: str, attribute: str, out_root: str | os.PathLike = SHIPPED_DIR, **overrides) -> TrainConfig:

@@ -1,0 +1,195 @@
+"""Batched multi-LoRA: score the reference and N LoRA adapters in one forward of the base model.
+
+Every targeted nn.Linear W is wrapped so that, for a batch whose rows belong to different
+adapters, row b computes (LoRA, Hu et al. 2021, eq. 3)
+
+    y_b = W x_b + s_a B_a A_a x_b        a = the adapter of row b, s_a = alpha/r (rsLoRA: alpha/sqrt(r))
+
+The base matmul is shared by all rows; the low-rank deltas are two batched matmuls over the
+adapters' stacked A [N, in, r] and B [N, r, out] (the idea of punica's BGMV / S-LoRA). The
+reference row gets no delta at all, so "ref" forwards cost a plain forward. Adapters with
+different ranks are zero-padded to the largest rank and an adapter that does not target a
+module has zero A/B there, both exact.
+
+Supported: standard PEFT LoRA directories (any rank, alpha, target modules, rsLoRA). Not
+supported (UnsupportedAdapter; build_backend then falls back to the PEFT path): DoRA,
+rank/alpha patterns, modules_to_save, LoRA biases, non-Linear targets.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from .backend import Group, _crop, _model_facts
+from .errors import PersonamixError
+
+
+class UnsupportedAdapter(PersonamixError):
+    """The adapter uses a LoRA feature the fast path does not implement. `peft_batchable`:
+    whether PEFT's adapter_names= batches can run it (they cannot run DoRA)."""
+
+    def __init__(self, message: str, peft_batchable: bool = True):
+        super().__init__(message)
+        self.peft_batchable = peft_batchable
+
+
+@dataclass
+class _Rows:
+    """Which adapter each batch row uses, shared by all wrapped layers during one forward:
+    rows start.. use adapters `index` (None: no row has a delta)."""
+
+    start: int = 0
+    index: torch.Tensor | None = None
+    all_in_order: bool = False
+
+
+class MultiLoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, rows: _Rows, a: torch.Tensor, b: torch.Tensor):
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.register_buffer("lora_a", a, persistent=False)   # [N, in, r]
+        self.register_buffer("lora_b", b, persistent=False)   # [N, r, out], scale folded in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = self.rows
+        if rows.index is None:
+            return y
+        a, b = (self.lora_a, self.lora_b) if rows.all_in_order else (self.lora_a[rows.index], self.lora_b[rows.index])
+        xs = x[rows.start:]
+        y[rows.start:] += torch.bmm(torch.bmm(xs, a), b)
+        return y
+
+
+def _check_config(name: str, cfg) -> None:
+    problems = []
+    if getattr(cfg, "peft_type", None) is None or str(cfg.peft_type).split(".")[-1] != "LORA":
+        problems.append(f"peft_type {cfg.peft_type}")
+    for field in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if getattr(cfg, field, False):
+            problems.append(field)
+    for field in ("rank_pattern", "alpha_pattern"):
+        if getattr(cfg, field, None):
+            problems.append(field)
+    if getattr(cfg, "modules_to_save", None):
+        problems.append("modules_to_save")
+    if getattr(cfg, "bias", "none") != "none":
+        problems.append(f"bias={cfg.bias}")
+    if getattr(cfg, "target_parameters", None):
+        problems.append("target_parameters")
+    if problems:
+        raise UnsupportedAdapter(f"adapter {name!r} uses {', '.join(problems)}, which the fast multi-LoRA path "
+                                 "does not support", peft_batchable=not getattr(cfg, "use_dora", False))
+
+
+def load_lora(name: str, path: str) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """{module name: (A [r, in], B [out, r])} and the scale s of one PEFT LoRA adapter."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    try:
+        cfg = PeftConfig.from_pretrained(path)
+        weights = load_peft_weights(path, device="cpu")
+    except Exception as e:
+        raise PersonamixError(f"cannot load adapter {name!r} from {path!r}: {str(e).splitlines()[0][:200]}") from None
+    _check_config(name, cfg)
+    scale = cfg.lora_alpha / (math.sqrt(cfg.r) if cfg.use_rslora else cfg.r)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, w in weights.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if key.endswith(marker):
+                module = key[: -len(marker)].removeprefix("base_model.model.")
+                pairs.setdefault(module, {})[part] = w
+                break
+        else:
+            raise UnsupportedAdapter(f"adapter {name!r} holds {key!r}, which the fast multi-LoRA path does not support")
+    out = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise PersonamixError(f"adapter {name!r}: module {module} lacks lora_A or lora_B")
+        out[module] = (ab["lora_A"], ab["lora_B"])
+    return out, scale
+
+
+def attach(model: PreTrainedModel, adapters: dict[str, str]) -> _Rows:
+    """Wrap every Linear that any adapter targets (in place); returns the shared row state."""
+    loaded = {name: load_lora(name, path) for name, path in adapters.items()}
+    modules = dict(model.named_modules())
+    targets = sorted({m for weights, _ in loaded.values() for m in weights})
+    rank = max((a.shape[0] for weights, _ in loaded.values() for a, _ in weights.values()), default=1)
+    rows = _Rows()
+    p = next(model.parameters())
+    n = len(adapters)
+    wrapped = []
+    for module in targets:
+        base = modules.get(module)
+        if not isinstance(base, nn.Linear):
+            kind = "missing" if base is None else type(base).__name__
+            raise UnsupportedAdapter(f"adapter target {module} is {kind} in the reference, not a Linear layer "
+                                     "(adapter trained on another base, or a non-Linear target)")
+        a_all = torch.zeros(n, base.in_features, rank, dtype=p.dtype, device=p.device)
+        b_all = torch.zeros(n, rank, base.out_features, dtype=p.dtype, device=p.device)
+        for i, (name, (weights, scale)) in enumerate(loaded.items()):
+            if module not in weights:
+                continue
+            a, b = weights[module]
+            r = a.shape[0]
+            if a.shape != (r, base.in_features) or b.shape != (base.out_features, r):
+                raise PersonamixError(f"adapter {name!r} does not fit the reference model (trained on another "
+                                      f"base?): {module} has A {tuple(a.shape)}, B {tuple(b.shape)} but the layer "
+                                      f"is {base.in_features} -> {base.out_features}")
+            a_all[i, :, :r] = a.T.to(p)
+            b_all[i, :r, :] = (b.T * scale).to(p)
+        wrapped.append((module, MultiLoraLinear(base, rows, a_all, b_all)))
+    for module, layer in wrapped:   # only once every adapter has been checked: a failure leaves the model as it was
+        parent_name, _, child = module.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, layer)
+    return rows
+
+
+class FastLoraBackend:
+    """Reference + N LoRA adapters on one base model, all rows of a group in ONE forward, the
+    adapters applied by batched matmuls (MultiLoraLinear) instead of PEFT's per-adapter loop."""
+
+    def __init__(self, model: PreTrainedModel, adapters: dict[str, str]):
+        self.model = model.eval()
+        self.names = tuple(adapters)
+        self._rows = attach(model, adapters) if adapters else _Rows()
+        self.vocab_size, self.max_length, self.device, self._cache_kw = _model_facts(model)
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self._lock = threading.Lock()   # the row state is shared by the wrapped layers
+
+    def new_cache(self, group: Group, names: Sequence[str]) -> DynamicCache:
+        return DynamicCache()
+
+    @torch.inference_mode()
+    def forward(self, group: Group, tokens: torch.Tensor, cache: DynamicCache, n_logits: int,
+                names: Sequence[str]) -> tuple[torch.Tensor, int]:
+        if group != "ref" and not names:
+            raise PersonamixError("no preference models take part")
+        n_rows = 1 if group == "ref" else len(names) + (group == "all")
+        ids = tokens.view(1, -1).expand(n_rows, -1)
+        with self._lock:
+            if group == "ref":
+                self._rows.index = None
+            else:
+                idx = [self._index[n] for n in names]
+                self._rows.start = int(group == "all")
+                self._rows.index = torch.tensor(idx, device=self.device)
+                self._rows.all_in_order = idx == list(range(len(self.names)))
+            try:
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{self._cache_kw: cache})
+            finally:
+                self._rows.index = None
+        return out.logits, 1
+
+    def crop(self, cache: DynamicCache, n_remove: int) -> None:
+        _crop(cache, n_remove)

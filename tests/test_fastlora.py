@@ -1,0 +1,112 @@
+"""The fast batched multi-LoRA path against PEFT (the reference implementation)."""
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from personamix import Generator, PersonamixError
+from personamix.backend import Session
+from personamix.fastlora import FastLoraBackend, UnsupportedAdapter
+
+from conftest import save_tiny
+
+SEQ = [0, 3, 1, 4, 2, 2, 0, 1]
+
+
+def save_adapter(base, out, seed, **lora_kwargs):
+    model = LlamaForCausalLM.from_pretrained(base)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
+CONFIGS = {
+    "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "r16_mlp_alpha3": dict(r=16, lora_alpha=3, target_modules=["o_proj", "up_proj", "down_proj"]),
+    "r8_all_rslora": dict(r=8, lora_alpha=16, use_rslora=True,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    base = save_tiny(root / "base", vocab=5, layers=2)
+    adapters = {name: save_adapter(base, root / name, i, **cfg) for i, (name, cfg) in enumerate(CONFIGS.items())}
+    return str(base), adapters
+
+
+def peft_logits(base, path, seq):
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), path).eval()
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0]
+
+
+def test_fast_path_equals_peft_for_mixed_ranks_targets_and_scalings(mixed):
+    base, adapters = mixed
+    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    assert isinstance(gen.backend, FastLoraBackend)
+    got = Session(gen.backend).logits("all", SEQ, len(SEQ))
+    with torch.no_grad():
+        ref = LlamaForCausalLM.from_pretrained(base).eval()(torch.tensor([SEQ])).logits[0]
+    want = torch.stack([ref] + [peft_logits(base, p, SEQ) for p in adapters.values()])
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(want[1], want[0], atol=1e-2)      # the adapters really change the model
+
+
+def test_subsets_and_order_of_adapters(mixed):
+    base, adapters = mixed
+    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    names = list(adapters)[::-1][:2]
+    got = Session(gen.backend, names).logits("prefs", SEQ, 4)
+    want = torch.stack([peft_logits(base, adapters[n], SEQ)[-4:] for n in names])
+    assert torch.allclose(got, want, atol=1e-5)
+    ref_only = Session(gen.backend, names).logits("ref", SEQ, 2)
+    with torch.no_grad():
+        plain = LlamaForCausalLM.from_pretrained(base).eval()(torch.tensor([SEQ])).logits[0, -2:]
+    assert torch.allclose(ref_only[0], plain, atol=1e-5)
+
+
+def test_rollback_on_fast_path(mixed):
+    base, adapters = mixed
+    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    s = Session(gen.backend)
+    s.logits("all", SEQ[:5])
+    s.logits("all", SEQ[:5] + [4, 4], 2)       # a rejected draft
+    rolled = s.logits("all", SEQ, 3)
+    assert torch.allclose(rolled, Session(gen.backend).logits("all", SEQ, 3), atol=1e-5)
+
+
+def test_adapters_cost_their_own_size_not_a_model_copy(mixed):
+    base, adapters = mixed
+    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    model = gen.backend.model
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(p.numel() for p in LlamaForCausalLM.from_pretrained(base).parameters())
+    extra = sum(b.numel() for b in model.buffers() if b.dim() == 3)            # stacked A and B
+    lora = sum(t.numel() for p in adapters.values() for t in load_file(f"{p}/adapter_model.safetensors").values())
+    assert extra <= 3 * 16 / 4 * lora     # zero padding to the largest rank (16) is the only overhead
+
+
+def test_unsupported_adapter_is_refused_or_falls_back(mixed, tmp_path):
+    base, _ = mixed
+    dora = save_adapter(base, tmp_path / "dora", 0, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    with pytest.raises(UnsupportedAdapter, match="use_dora"):
+        Generator.from_pretrained(base, adapters={"D": dora}, backend="fast", device="cpu")
+    with pytest.warns(UserWarning, match="falling back to PEFT"):
+        gen = Generator.from_pretrained(base, adapters={"D": dora}, device="cpu")
+    assert type(gen.backend).__name__ == "SeparateModelsBackend"    # PEFT cannot batch DoRA: merged copy
+    want = peft_logits(base, dora, SEQ)[-1]
+    assert torch.allclose(Session(gen.backend).logits("prefs", SEQ)[0, -1], want, atol=1e-5)
+
+
+def test_bad_backend_name(mixed):
+    base, adapters = mixed
+    with pytest.raises(PersonamixError, match="backend must be"):
+        Generator.from_pretrained(base, adapters=adapters, backend="turbo", device="cpu")
