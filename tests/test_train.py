@@ -5,32 +5,12 @@ import random
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from personamix import Generator, PersonamixError
 from personamix.models import SHIPPED_SETS, shipped_adapters
-from personamix.train import LOG_FILE, META_FILE, TrainConfig, read_meta, train_adapter
+from personamix.train import LOG_FILE, TrainConfig, read_meta, train_adapter
 
-WORDS = ["<unk>", "<pad>", "</s>", "user", "assistant", "loud", "party", "friends", "quiet", "alone", "book",
-         "what", "do", "you", "like", "today", "now"]
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-            "{% if add_generation_prompt %}assistant {% endif %}")
-
-
-def save_chat_tiny(path, hidden: int = 16, seed: int = 0):
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
-    tokenizer.chat_template = TEMPLATE
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                      eos_token_id=2, pad_token_id=1, bos_token_id=None, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
+from conftest import save_chat_tiny
 
 def write_mbti_file(path, n: int = 48):
     """Records in the paper's format: E answers are loud, I answers are quiet."""

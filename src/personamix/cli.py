@@ -1,4 +1,4 @@
-"""Command line: `personamix generate`, `demo`, `train`, `train-shipped`."""
+"""Command line: `personamix generate`, `demo`, `train`, `train-shipped`, `serve`."""
 
 from __future__ import annotations
 
@@ -75,15 +75,32 @@ def _stream(gen, prompt, out=None, **kwargs):
     return stream.result
 
 
-def cmd_generate(a: argparse.Namespace) -> None:
-    from .generator import Generator
-
+def _adapters(a: argparse.Namespace, want_default: bool = True) -> dict[str, str]:
     adapters = _parse_adapters(a.adapter)
     if a.adapters:
         adapters = {**shipped_adapters(a.adapters, a.model), **adapters}
-    elif not adapters and a.model == DEFAULT_MODEL and a.method != "base":
+    elif not adapters and a.model == DEFAULT_MODEL and want_default:
         adapters = shipped_adapters("mbti", a.model)   # the default model's shipped MBTI poles
-    gen = Generator.from_pretrained(a.model, adapters=adapters, backend=a.backend, device=a.device)
+    return adapters
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from .generator import Generator
+    from .server import serve
+
+    if a.max_pending < 1:
+        raise PersonamixError(f"--max-pending must be >= 1, got {a.max_pending}")
+    gen = Generator.from_pretrained(a.model, adapters=_adapters(a), backend=a.backend, device=a.device)
+    print(f"personamix: serving {a.model} with adapters {', '.join(gen.adapter_names) or '(none)'} "
+          f"on http://{a.host}:{a.port}/ (playground) and /v1", file=sys.stderr)
+    serve(gen, Path(a.model).name if Path(a.model).exists() else a.model, a.host, a.port, a.max_pending)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from .generator import Generator
+
+    gen = Generator.from_pretrained(a.model, adapters=_adapters(a, a.method != "base"), backend=a.backend,
+                                    device=a.device)
     kwargs = _sampling_kwargs(a)
     if a.method != "base":
         kwargs.update(persona=a.persona, weights=_parse_weights(a.weights))
@@ -259,6 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     ts.add_argument("--data-dir", default=None)
     ts.add_argument("--device", default=None)
     ts.set_defaults(func=cmd_train_shipped)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server with a playground page at /")
+    s.add_argument("--model", default="smollm2-135m-instruct")
+    s.add_argument("--adapters", default=None, metavar="SET",
+                   help="shipped adapter set(s): mbti, roleplay, mbti,roleplay (default model: mbti)")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-pending", type=int, default=16, help="requests in flight before 429")
+    s.add_argument("--backend", default="auto")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:

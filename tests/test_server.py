@@ -1,0 +1,202 @@
+"""The OpenAI-compatible server, started for real (uvicorn on 127.0.0.1) over a tiny chat model
+with two LoRA adapters, driven by the official `openai` client and by raw HTTP."""
+import concurrent.futures as cf
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openai import OpenAI
+
+from personamix import Generator
+from personamix.server import create_app
+
+from conftest import save_chat_tiny, save_lora
+
+MODEL = "tiny-chat"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Running:
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    base = save_chat_tiny(root / "base")
+    adapters = {name: save_lora(base, root / name, seed=i) for i, name in enumerate(["E", "N"])}
+    return Generator.from_pretrained(str(base), adapters=adapters, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(gen):
+    running = Running(create_app(gen, MODEL, max_pending=8, max_body_bytes=4096))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+EXT = {"persona": "EN", "method": "scr", "k": 3, "window": 10, "gamma": 1.5, "seed": 7}
+
+
+def test_chat_completion_with_extensions(client):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "what do you like"}],
+                                       max_tokens=8, extra_body=EXT)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    ext = r.model_extra["personamix"]
+    assert ext["weights"] == {"E": 0.5, "N": 0.5} and ext["seed"] == 7 and ext["stats"]["method"] == "scr"
+    assert r.usage.completion_tokens == ext["stats"]["new_tokens"] >= 1
+
+
+def test_same_seed_same_text_streamed_or_not(client):
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "what do you like"}], max_tokens=10,
+              extra_body={**EXT, "weights": {"E": 0.8, "N": -0.3}, "persona": None, "method": "spec"})
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].model_extra["personamix"]["stats"]["new_tokens"] == full.usage.completion_tokens
+
+
+def test_completions_endpoint_and_stream(client):
+    r = client.completions.create(model=MODEL, prompt="what do you like", max_tokens=6, extra_body=EXT)
+    assert r.object == "text_completion" and r.model_extra["personamix"]["stats"]["new_tokens"] >= 1
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="what do you like", max_tokens=6, stream=True, extra_body=EXT))
+    assert streamed == r.choices[0].text
+
+
+def test_models_health_and_playground(server, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [MODEL, f"{MODEL}:E", f"{MODEL}:N"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "personamix playground" in page.text and "/v1/chat/completions" in page.text
+
+
+def test_concurrent_requests_are_independent(client):
+    def ask(seed):
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "what do you do today"}], max_tokens=12,
+            extra_body={"persona": "EN", "method": "token", "seed": seed}).choices[0].message.content
+
+    alone = [ask(s) for s in range(6)]
+    with cf.ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, range(6)))
+    assert together == alone
+
+
+BAD = [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000}, "context"),
+    ({"messages": [{"role": "user", "content": "hi"}], "persona": "XQ"}, "persona"),
+    ({"messages": [{"role": "user", "content": "hi"}], "weights": {"Z": 1.0}}, "Z"),
+    ({"messages": [{"role": "user", "content": "hi"}], "weights": {"E": 0.0, "N": 0.0}}, "weight"),
+    ({"messages": [{"role": "user", "content": "hi"}], "weights": {"E": -1.0}}, "positive"),
+    ({"messages": [{"role": "user", "content": "hi"}], "method": "beam"}, "method"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "k": 0}, "k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, "not served"),
+    ({"messages": [{"role": "user", "content": "x " * 3000}]}, "exceeds the limit"),
+]
+
+
+@pytest.mark.parametrize("body,needle", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_input_is_a_4xx_with_an_openai_error_body(server, body, needle):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert needle.lower() in err["message"].lower() and err["type"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_overfilled_queue_gets_429_with_retry_after_never_a_crash(gen):
+    running = Running(create_app(gen, MODEL, max_pending=2))
+    try:
+        body = {"messages": [{"role": "user", "content": "what do you like"}], "max_tokens": 40,
+                "method": "token-rs", "persona": "EN"}
+
+        def post(_):
+            return httpx.post(running.url + "/v1/chat/completions", json=body, timeout=60)
+
+        with cf.ThreadPoolExecutor(24) as pool:
+            codes = [r.status_code for r in pool.map(post, range(24))]
+        assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
+        running.app.state.admission.active = 2            # hold both slots: the answer is 429 + Retry-After
+        r = post(0)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1" and "busy" in r.json()["error"]["message"]
+        running.app.state.admission.active = 0
+        assert post(0).status_code == 200
+    finally:
+        running.stop()
+
+
+def test_client_disconnect_frees_the_work(tmp_path):
+    base = save_chat_tiny(tmp_path / "base", hidden=128, layers=4, max_positions=4096)
+    slow = Generator.from_pretrained(base, adapters={"E": save_lora(base, tmp_path / "E", seed=0)}, device="cpu")
+    running = Running(create_app(slow, MODEL, max_pending=4))
+    try:
+        body = {"messages": [{"role": "user", "content": "what"}], "max_tokens": 4000, "stream": True,
+                "method": "token", "persona": "E", "seed": 1}
+        with httpx.stream("POST", running.url + "/v1/chat/completions", json=body, timeout=30) as r:
+            next(r.iter_lines())                         # read the first event, then hang up
+        deadline = time.time() + 20
+        while running.app.state.admission.active:
+            assert time.time() < deadline, "the disconnected stream still holds its slot"
+            time.sleep(0.05)
+        assert httpx.get(running.url + "/health").json()["in_flight"] == 0
+        assert running.app.state.streams_cancelled == 1      # stopped early, not run to 4000 tokens
+    finally:
+        running.stop()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) |
+                    st.text(max_size=20), lambda inner: st.lists(inner, max_size=3) |
+                    st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+FIELDS = st.sampled_from(["messages", "prompt", "max_tokens", "temperature", "top_p", "persona", "weights", "method",
+                          "k", "window", "gamma", "seed", "stream", "model", "n", "aggregation", "top_k"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.dictionaries(FIELDS, JSON, max_size=6), path=st.sampled_from(["chat/completions", "completions"]))
+def test_fuzzed_bodies_never_get_a_5xx(server, body, path):
+    body.setdefault("max_tokens", 4)
+    r = httpx.post(f"{server.url}/v1/{path}", json=body, timeout=30)
+    assert r.status_code < 500, (body, r.text)
+    if r.status_code >= 400:
+        assert r.json()["error"]["message"]
