@@ -1,0 +1,145 @@
+"""Load test of `personamix serve`: 1, 4 and 16 concurrent streaming clients.
+
+Starts the server as a subprocess (default model + shipped MBTI adapters) unless --url is
+given, sends a bounded number of streaming chat requests per level, and prints p50/p95
+latency, time to first token, aggregate tokens/s, errors, dropped streams (no [DONE]) and the
+server's resident memory before and after each level.
+
+    python bench/loadtest.py [--levels 1 4 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["How would you spend a free Saturday?", "What do you do when a plan changes at the last minute?",
+           "Describe your ideal workplace.", "How do you make a hard decision?"]
+PERSONAS = ["ENTJ", "ISFP", "INFJ", "ESTP"]
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def one_request(url: str, i: int, max_tokens: int, method: str) -> dict:
+    body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "stream": True,
+            "max_tokens": max_tokens, "persona": PERSONAS[i % len(PERSONAS)], "method": method, "seed": i,
+            "temperature": 0.7, "top_p": 0.9}
+    start, first, tokens, done = time.perf_counter(), None, 0, False
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}: {r.read()[:200]!r}"}
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    return {"error": msg["error"]["message"]}
+                if msg["choices"][0]["delta"].get("content") and first is None:
+                    first = time.perf_counter() - start
+                if "personamix" in msg:
+                    tokens = msg["personamix"]["stats"]["new_tokens"]
+    except httpx.HTTPError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens, "dropped": not done}
+
+
+def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None) -> dict:
+    before = rss_mb(pid)
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: one_request(url, i, max_tokens, method), range(clients * requests)))
+    wall = time.perf_counter() - start
+    ok = [r for r in results if "error" not in r]
+    lat = sorted(r["latency"] for r in ok) or [float("nan")]
+    ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
+            "dropped": sum(r["dropped"] for r in ok), "p50_s": statistics.median(lat), "p95_s": pct(lat, 0.95),
+            "ttft_p50_s": statistics.median(ttft), "tokens": sum(r["tokens"] for r in ok),
+            "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before, "rss_after_mb": rss_mb(pid),
+            "error_examples": [r["error"] for r in results if "error" in r][:3]}
+
+
+def start_server(port: int, max_pending: int) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "personamix.cli", "serve", "--port", str(port),
+                             "--max-pending", str(max_pending)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--method", default="scr")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    proc = None
+    url = a.url
+    if url is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = start_server(port, max_pending=max(a.levels))
+        url = f"http://127.0.0.1:{port}"
+    try:
+        one_request(url, 0, 4, a.method)                      # warm-up
+        rows = [level(url, c, a.requests, a.max_tokens, a.method, proc.pid if proc else None) for c in a.levels]
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(timeout=30)
+    single = rows[0]["agg_tok_s"]
+    head = ("| clients | requests | errors | dropped | p50 latency | p95 latency | TTFT p50 | aggregate tok/s | "
+            "x 1 client | RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head] + [
+        f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s | {r['p95_s']:.1f} s "
+        f"| {r['ttft_p50_s']:.2f} s | {r['agg_tok_s']:.1f} | {r['agg_tok_s'] / single:.2f} "
+        f"| {r['rss_before_mb'] or 0:.0f} -> {r['rss_after_mb'] or 0:.0f} MB |" for r in rows]
+    info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "
+            f"request, {a.requests} streaming requests per client, personas cycling ENTJ/ISFP/INFJ/ESTP, "
+            f"{os.cpu_count()} CPU cores")
+    print(info)
+    print("\n".join(lines))
+    for r in rows:
+        if r["error_examples"]:
+            print(f"errors at {r['clients']} clients: {r['error_examples']}")
+    if a.out:
+        Path(a.out).write_text(f"# Server load test\n\n{info}.\n\nCommand: `python bench/loadtest.py --out {a.out}`\n\n"
+                               + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
