@@ -84,7 +84,7 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out, dpi=90)
 
 
-def sanity(axis: str, n_prompts: int, max_new_tokens: int) -> dict:
+def sanity(axis: str, n_prompts: int, max_new_tokens: int, root: Path = SHIPPED_DIR) -> dict:
     """Judge accuracy on held-out answers, and judge scores of generations with each pole's adapter."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -101,7 +101,7 @@ def sanity(axis: str, n_prompts: int, max_new_tokens: int) -> dict:
     held_labels = [1] * len(held) + [0] * len(held)
     judge_acc = float(clf.score(vec.transform(held_texts), held_labels))
 
-    gen = Generator.from_pretrained(adapters="mbti")
+    gen = Generator.from_pretrained(adapters={p: str(root / "mbti" / p) for p in (first, second)})
     prompts = [p.prompt for p in held[:n_prompts]]
     scores = {first: [], second: []}
     samples = {first: [], second: []}
@@ -113,12 +113,16 @@ def sanity(axis: str, n_prompts: int, max_new_tokens: int) -> dict:
             samples[pole].append(out.text)
         print(f"{axis} {i + 1}/{len(prompts)}: P({first}) {first}-adapter {scores[first][-1]:.2f}, "
               f"{second}-adapter {scores[second][-1]:.2f}", file=sys.stderr)
+    from scipy.stats import wilcoxon
+
     wins = sum(a > b for a, b in zip(scores[first], scores[second]))
+    p_value = float(wilcoxon(scores[first], scores[second], alternative="greater").pvalue)
     return {"axis": axis, "judge_held_out_accuracy": judge_acc, "judge_held_out_answers": len(held_texts),
             "prompts": len(prompts), "max_new_tokens": max_new_tokens,
             f"mean_P({first})_with_{first}": statistics.mean(scores[first]),
             f"mean_P({first})_with_{second}": statistics.mean(scores[second]),
             f"pairs_where_{first}_scores_higher": f"{wins}/{len(prompts)}",
+            "wilcoxon_one_sided_p": p_value, "scores": scores,
             "example": {"prompt": prompts[0], first: samples[first][0], second: samples[second][0]}}
 
 
@@ -128,17 +132,20 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--root", default=str(SHIPPED_DIR), help="where the adapters are (default: the shipped ones)")
+    ap.add_argument("--no-table", action="store_true", help="only run the sanity check")
     a = ap.parse_args()
     _quiet()
     docs = Path(a.docs)
-    rows = collect()
-    plot(rows, docs / "adapters_training.png")
-    (docs / "adapters_table.md").write_text(table(rows))
-    print(table(rows))
+    if not a.no_table:
+        rows = collect()
+        plot(rows, docs / "adapters_training.png")
+        (docs / "adapters_table.md").write_text(table(rows))
+        print(table(rows))
     sanity_file = docs / "adapters_sanity.json"
     results = json.loads(sanity_file.read_text()) if sanity_file.is_file() else {}
     for axis in a.sanity:
-        results[axis] = sanity(axis, a.prompts, a.max_new_tokens)
+        results[axis] = sanity(axis, a.prompts, a.max_new_tokens, Path(a.root))
         sanity_file.write_text(json.dumps(results, indent=1))
         print(json.dumps({k: v for k, v in results[axis].items() if k != "example"}, indent=1))
 

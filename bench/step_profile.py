@@ -1,0 +1,83 @@
+"""Where a decoding step's time goes: one new token at a 100-token context through
+(a) the plain reference, 1 row; (b) the plain reference with N+1 identical rows (the floor
+for any one-forward scoring of N+1 rows); (c) the fast multi-LoRA backend, N+1 rows;
+(d) PEFT adapter_names=, N+1 rows. Median of 20 steps each, interleaved.
+
+    python bench/step_profile.py [--n 2 4 8] [--out docs/step_profile.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import DynamicCache
+
+from personamix import Generator
+from personamix.backend import Session
+from personamix.cli import _quiet, random_adapters
+from personamix.models import DEFAULT_MODEL, load_reference
+
+CTX = list(range(1000, 1100))
+
+
+def plain_step(model, rows: int, steps: int) -> list[float]:
+    cache, out = DynamicCache(), []
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([CTX] * rows), cache=cache, use_cache=True, logits_to_keep=1)
+        for i in range(steps):
+            t = time.perf_counter()
+            model(input_ids=torch.tensor([[5]] * rows), cache=cache, use_cache=True, logits_to_keep=1)
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def session_step(gen: Generator, steps: int) -> list[float]:
+    s, out = Session(gen.backend), []
+    s.logits("all", CTX)
+    for i in range(steps):
+        t = time.perf_counter()
+        s.logits("all", CTX + [5] * (i + 1))
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    _quiet()
+    plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
+    lines = ["| N | plain, 1 row | plain, N+1 rows | fast multi-LoRA, N+1 rows | PEFT adapter_names, N+1 rows | "
+             "fast / plain N+1 | fast / plain 1 row |", "|---|---|---|---|---|---|---|"]
+    for n in a.n:
+        adapters = random_adapters(DEFAULT_MODEL, [chr(ord("A") + i) for i in range(n)])
+        fast = Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend="fast", device="cpu")
+        peft = Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend="lora", device="cpu")
+        runs = {"p1": [], "pn": [], "fast": [], "peft": []}
+        for _ in range(2):                                  # interleave two rounds
+            runs["p1"] += plain_step(plain, 1, a.steps)
+            runs["pn"] += plain_step(plain, n + 1, a.steps)
+            runs["fast"] += session_step(fast, a.steps)
+            runs["peft"] += session_step(peft, a.steps)
+        med = {k: statistics.median(v) * 1000 for k, v in runs.items()}
+        lines.append(f"| {n} | {med['p1']:.1f} ms | {med['pn']:.1f} ms | {med['fast']:.1f} ms | {med['peft']:.1f} ms | "
+                     f"{med['fast'] / med['pn']:.2f} | {med['fast'] / med['p1']:.2f} |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("# One decoding step, by backend\n\nSmolLM2-135M-Instruct fp32, 2-core CPU, one new token at a "
+                    f"100-token context, random rank-8 LoRA on q/k/v/o, median of {2 * a.steps} steps.\n\n"
+                    f"Command: `python bench/step_profile.py --out {a.out}`\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
