@@ -114,3 +114,20 @@ def test_rolling_back_into_a_draft_reuses_its_logits(tiny_gen):
     assert torch.allclose(again, Session(tiny_gen.backend).logits("ref", SEQ[:6]), atol=1e-5)
     session.logits("ref", SEQ[:6] + [4])            # a new token after the rollback is fed normally
     assert session.forward_passes == before + 1
+
+
+def test_preallocated_layer_matches_dynamic_layer_through_growth_and_rollback():
+    from transformers.cache_utils import DynamicLayer
+
+    from personamix.backend import PreallocatedLayer
+
+    torch.manual_seed(0)
+    fast, ref = PreallocatedLayer(capacity=4), DynamicLayer()
+    for n, crop in [(3, 0), (2, -1), (6, 0), (1, -5), (9, -2), (1, 0)]:      # grows past 4, 8 and 16
+        k, v = torch.randn(2, 3, n, 8), torch.randn(2, 3, n, 8)
+        a, b = fast.update(k, v), ref.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        fast.crop(crop)
+        ref.crop(crop)
+        assert fast.get_seq_length() == ref.get_seq_length()
+    assert fast.capacity >= fast.get_seq_length() and fast.capacity <= 32

@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from personamix import Generator, PersonamixError
 from personamix.models import SHIPPED_SETS, shipped_adapters

@@ -21,6 +21,7 @@ from typing import Literal, Protocol, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from .errors import PersonamixError
 
@@ -132,6 +133,66 @@ def _model_facts(model: PreTrainedModel) -> tuple[int, int, torch.device, str]:
             next(model.parameters()).device, _cache_kwarg(model))
 
 
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer with preallocated storage: appending writes in place (no torch.cat
+    copy of the whole cache per step), the keys/values handed to attention are views of the
+    filled part, and a rollback is a length change. Capacity doubles when full."""
+
+    def __init__(self, capacity: int = 256):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._k = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[3])
+        self._v = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[3])
+        self.length = 0
+        self._view()
+        self.is_initialized = True
+
+    def _view(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            self.capacity = max(end, 2 * self.capacity)
+            k, v = self._k, self._v
+            self._k = k.new_empty(*k.shape[:2], self.capacity, k.shape[3])
+            self._v = v.new_empty(*v.shape[:2], self.capacity, v.shape[3])
+            self._k[:, :, : self.length] = k[:, :, : self.length]
+            self._v[:, :, : self.length] = v[:, :, : self.length]
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if self.is_initialized:
+            self.length = max(0, self.length + tokens_to_remove)
+            self._view()
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
+class PreallocatedCache(DynamicCache):
+    """A DynamicCache whose layers are PreallocatedLayer (see there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_class_to_replicate = PreallocatedLayer
+
+
 def _crop(cache: DynamicCache, n_remove: int) -> None:
     # transformers 5: a negative argument removes that many positions from the end
     cache.crop(-n_remove)
@@ -150,7 +211,7 @@ class LoraBackend:
         self._lock = threading.Lock()
 
     def new_cache(self, group: Group, names: Sequence[str]) -> DynamicCache:
-        return DynamicCache()
+        return PreallocatedCache()
 
     @torch.inference_mode()
     def forward(self, group: Group, tokens: torch.Tensor, cache: DynamicCache, n_logits: int,
@@ -188,7 +249,7 @@ class SeparateModelsBackend:
         return {"ref": [self.ref], "prefs": prefs, "all": [self.ref, *prefs]}[group]
 
     def new_cache(self, group: Group, names: Sequence[str]) -> list[DynamicCache]:
-        return [DynamicCache() for _ in self._models(group, names)]
+        return [PreallocatedCache() for _ in self._models(group, names)]
 
     @torch.inference_mode()
     def forward(self, group: Group, tokens: torch.Tensor, cache: list[DynamicCache], n_logits: int,

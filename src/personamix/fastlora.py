@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from .backend import Group, _crop, _model_facts
+from .backend import Group, PreallocatedCache, _crop, _model_facts
 from .errors import PersonamixError
 
 
@@ -168,7 +168,7 @@ class FastLoraBackend:
         self._lock = threading.Lock()   # the row state is shared by the wrapped layers
 
     def new_cache(self, group: Group, names: Sequence[str]) -> DynamicCache:
-        return DynamicCache()
+        return PreallocatedCache()
 
     @torch.inference_mode()
     def forward(self, group: Group, tokens: torch.Tensor, cache: DynamicCache, n_logits: int,
