@@ -46,11 +46,25 @@ def session_step(gen: Generator, steps: int) -> list[float]:
     return out
 
 
+def profile_ops(gen: Generator, steps: int = 10) -> str:
+    from torch.profiler import profile
+
+    s = Session(gen.backend)
+    s.logits("all", CTX)
+    with profile() as prof:
+        for i in range(steps):
+            s.logits("all", CTX + [5] * (i + 1))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+    print(table)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     a = ap.parse_args()
     _quiet()
     plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
@@ -72,11 +86,15 @@ def main() -> None:
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)
+    prof_table = profile_ops(fast) if a.profile else ""
     if a.out:
         with open(a.out, "w") as f:
             f.write("# One decoding step, by backend\n\nSmolLM2-135M-Instruct fp32, 2-core CPU, one new token at a "
                     f"100-token context, random rank-8 LoRA on q/k/v/o, median of {2 * a.steps} steps.\n\n"
-                    f"Command: `python bench/step_profile.py --out {a.out}`\n\n{table}\n")
+                    f"Command: `python bench/step_profile.py --profile --out {a.out}`\n\n{table}\n")
+            if prof_table:
+                f.write(f"\n## torch.profiler: one fast-backend step with N={a.n[-1]} ({a.n[-1] + 1} rows), "
+                        f"top operators by self CPU time\n\n```\n{prof_table}\n```\n")
 
 
 if __name__ == "__main__":
