@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from personamix.cli import _quiet  # noqa: E402
-from personamix.data import attribute_pairs, split  # noqa: E402
+from personamix.data import attribute_pairs, axis_of, split  # noqa: E402
 from personamix.models import SHIPPED_DIR, SHIPPED_SETS  # noqa: E402
 from personamix.train import LOG_FILE, read_meta  # noqa: E402
 
@@ -48,16 +48,10 @@ def collect() -> list[dict]:
                 print(f"missing: {path}", file=sys.stderr)
                 continue
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
-            source = ("MBTI_dpo_" + "_".join(sorted({attribute.lower(), _opposite(attribute).lower()},
-                                                    key="eisntfjp".index))) if set_name == "mbti" else f"dpo_{attribute}"
+            source = f"MBTI_dpo_{axis_of(attribute)}" if set_name == "mbti" else f"dpo_{attribute}"
             rows.append({**meta, "set": set_name, "size_mb": size, "source": source,
                          "log": json.loads((path / LOG_FILE).read_text())})
     return rows
-
-
-def _opposite(pole: str) -> str:
-    from personamix.data import OPPOSITE
-    return OPPOSITE[pole]
 
 
 def plot(rows: list[dict], out: Path) -> None:

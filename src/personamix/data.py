@@ -157,9 +157,8 @@ def mbti_pairs(pole: str, records: list[dict], keep_description: bool = False) -
     """Pairs saying "pole's voice is preferred": its own records as they are, the opposite pole's
     records with chosen and rejected swapped. Every record must name a pole of this axis."""
     pole = pole.upper()
-    axis = {pole, OPPOSITE.get(pole, pole)}
-    if pole not in OPPOSITE:
-        axis_of(pole)  # raises
+    axis_of(pole)                      # an unknown pole is an error
+    axis = {pole, OPPOSITE[pole]}
     pairs = []
     for i, r in enumerate(records):
         where = f"record {i}"
