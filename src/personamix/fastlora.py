@@ -47,6 +47,7 @@ class _Rows:
     start: int = 0
     index: torch.Tensor | None = None
     all_in_order: bool = False
+    key: tuple[int, ...] = ()          # the adapter indices as a tuple (for the per-layer gather cache)
 
 
 class MultiLoraLinear(nn.Module):
@@ -56,13 +57,22 @@ class MultiLoraLinear(nn.Module):
         self.rows = rows
         self.register_buffer("lora_a", a, persistent=False)   # [N, in, r]
         self.register_buffer("lora_b", b, persistent=False)   # [N, r, out], scale folded in
+        self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}   # gathered A/B per subset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         rows = self.rows
         if rows.index is None:
             return y
-        a, b = (self.lora_a, self.lora_b) if rows.all_in_order else (self.lora_a[rows.index], self.lora_b[rows.index])
+        if rows.all_in_order:
+            a, b = self.lora_a, self.lora_b
+        else:   # a subset / reordering of the adapters: gather once per subset, not every forward
+            ab = self._subsets.get(rows.key)
+            if ab is None:
+                if len(self._subsets) >= 8:
+                    self._subsets.clear()
+                ab = self._subsets[rows.key] = (self.lora_a[rows.index], self.lora_b[rows.index])
+            a, b = ab
         xs = x[rows.start:]
         y[rows.start:] += torch.bmm(torch.bmm(xs, a), b)
         return y
@@ -185,6 +195,7 @@ class FastLoraBackend:
                 self._rows.start = int(group == "all")
                 self._rows.index = torch.tensor(idx, device=self.device)
                 self._rows.all_in_order = idx == list(range(len(self.names)))
+                self._rows.key = tuple(idx)
             try:
                 out = self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{self._cache_kw: cache})
             finally:
