@@ -84,6 +84,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _error_body(message: str, param: str | None = None, code: str | None = None,
                 kind: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -139,9 +143,9 @@ def create_app(gen: Generator, model_id: str, *, max_pending: int = 16, max_body
             raw += part
             if len(raw) > max_body_bytes:
                 raise ApiError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        try:   # NaN/Infinity are not JSON (RFC 8259), though Python's parser accepts them by default
+            data = json.loads(raw, parse_constant=_reject_constant)
+        except ValueError as e:      # JSONDecodeError, UnicodeDecodeError, or a rejected constant
             raise ApiError(400, f"request body is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
