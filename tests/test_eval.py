@@ -191,7 +191,8 @@ def test_eval_cli_runs_resumes_and_rejects_bad_input(tiny, tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "qa.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in rows) == ["base", "merge", "prompt", "scr"]
     summary = json.loads((tmp_path / "qa_summary.json").read_text())
-    assert set(summary["scores"]) == {"base", "prompt", "merge", "scr"}
+    assert set(summary["scores"]) == {"base", "prompt", "merge", "scr", "reference answers"}
+    assert "similarity" not in summary["scores"]["reference answers"]["ENTJ"]    # judged, not compared to itself
     assert set(summary["judges"]) == {"e_i", "s_n", "t_f", "j_p"}
     assert "| scr | 1 |" in (tmp_path / "qa.md").read_text()
     assert main(args) == 0                                            # resumed: nothing regenerated

@@ -214,12 +214,7 @@ def plot(summary: Sequence[dict], out_dir: Path, k_for_n: int = 4) -> list[Path]
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=method + (f" (k={k_for_n})" if method in K_METHODS else ""))
         ax.set(title=f"{setting}: tokens/s vs N", xlabel="N preference models", ylabel="tokens/s", xticks=ns)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "bench_tps_vs_n.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, axes[0], out_dir / "bench_tps_vs_n.png"))
 
     if ks:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -234,14 +229,18 @@ def plot(summary: Sequence[dict], out_dir: Path, k_for_n: int = 4) -> list[Path]
         axes[0].set(title=f"tokens/s vs k (N={n_for_k})", xlabel="k", ylabel="tokens/s", xticks=ks)
         axes[1].set(title=f"acceptance vs k (N={n_for_k})", xlabel="k", ylabel="accepted / drafted tokens",
                     xticks=ks, ylim=(0, 1.05))
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out_dir / "bench_vs_k.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        paths.append(_save(plt, fig, axes, out_dir / "bench_vs_k.png"))
     return paths
+
+
+def _save(plt, fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 __all__ = ["BenchConfig", "run", "summarize", "targets", "markdown", "targets_markdown", "plot", "write_csv",

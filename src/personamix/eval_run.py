@@ -78,9 +78,9 @@ def run_mcqa(gen: Generator, merges: Mapping[str, str], cfg: EvalConfig) -> dict
     adapters = [n for n in gen.adapter_names if not n.startswith("merge-")]
     if "prob" in cfg.readouts:
         path = cfg.out / "mcqa_prob.jsonl"
-        if path.is_file():
-            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        else:
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+        if {r["persona"] for r in rows} != set(cfg.personas) or {r["item"] for r in rows} != {i.id for i in items}:
+            # a file from another run (other personas / items) is recomputed, not mixed in
             with _progress(len(items), "questionnaire (probabilities)") as bar:
                 rows = ev.mcqa_probs(gen, items, cfg.personas, adapters, merges, desc, progress=bar)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -129,7 +129,7 @@ def mcqa_table(summary: dict) -> str:
 
 
 def _ordered(by_method: Mapping[str, dict]):
-    order = list(ev.BASELINES) + ["mpg"] + list(ev.MPG_METHODS)
+    order = ["reference answers"] + list(ev.BASELINES) + ["mpg"] + list(ev.MPG_METHODS)
     return sorted(by_method.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
 
 
@@ -172,7 +172,9 @@ def run_answers(gen: Generator, merges: Mapping[str, str], cfg: EvalConfig) -> e
 
 
 def score_answers(rows: list[dict], task: str, judges: dict, embed) -> dict:
-    """Per (persona, method): judge agreement, similarity to the reference, perplexity, distinct-n."""
+    """Per (persona, method): judge agreement, similarity to the reference, perplexity, distinct-n.
+    The judges also score the reference answers themselves (method "reference answers"): how
+    well a judge reads this task's answers, i.e. the ceiling of its agreement."""
     out: dict = {}
     groups: dict = {}
     for r in rows:
@@ -180,31 +182,41 @@ def score_answers(rows: list[dict], task: str, judges: dict, embed) -> dict:
     for (persona, method), rs in sorted(groups.items()):
         texts = [r["answer"] for r in rs]
         sim = ev.cosine(embed(texts), embed([r["reference"] for r in rs]))
-        s = {"n": len(rs), "similarity": float(sim.mean()),
-             "perplexity": float(np.nanmedian([r["perplexity"] for r in rs])),
-             "distinct_1": ev.distinct_n(texts, 1), "distinct_2": ev.distinct_n(texts, 2),
-             "tokens_per_s": float(np.median([r["stats"]["tokens_per_s"] for r in rs]))}
-        if task == "qa":
-            from .judges import judge_mbti
-            probs = judge_mbti(judges, embed, texts)
-            hits = []
-            for axis, p in probs.items():
-                first = axis.split("_")[0].upper()
-                target = next(x for x in persona if ev.AXIS_OF[x] == ev.AXIS_OF[first])
-                hit = (p > 0.5) if target == first else (p < 0.5)
-                s[f"agree_{axis}"] = float(hit.mean())
-                hits.append(hit)
-            s["mean_agreement"] = float(np.mean([h.mean() for h in hits]))
-            s["type_match"] = float(np.all(hits, axis=0).mean())
-        else:
-            from .judges import judge_roleplay
-            probs = judge_roleplay(judges, embed, {a: [r[a] for r in rs] for a in judges}, texts)
-            for attr, p in probs.items():
-                s[f"follows_{attr}"] = float((p > 0.5).mean())
-            s["mean_agreement"] = float(np.mean([s[f"follows_{a}"] for a in probs]))
-            s["both"] = float(np.all([p > 0.5 for p in probs.values()], axis=0).mean())
-        out.setdefault(method, {})[persona] = s
+        out.setdefault(method, {})[persona] = {
+            "n": len(rs), "similarity": float(sim.mean()),
+            "perplexity": float(np.nanmedian([r["perplexity"] for r in rs])),
+            "distinct_1": ev.distinct_n(texts, 1), "distinct_2": ev.distinct_n(texts, 2),
+            "tokens_per_s": float(np.median([r["stats"]["tokens_per_s"] for r in rs])),
+            **judge_scores(task, persona, texts, rs, judges, embed)}
+    for persona in sorted({p for p, _ in groups}):
+        refs = list({r["id"]: r for r in rows if r["persona"] == persona}.values())
+        out.setdefault("reference answers", {})[persona] = {
+            "n": len(refs), **judge_scores(task, persona, [r["reference"] for r in refs], refs, judges, embed)}
     return out
+
+
+def judge_scores(task: str, persona: str, texts: list[str], rows: list[dict], judges: dict, embed) -> dict:
+    """Share of texts the judges place on the persona's side (per axis / attribute, and all at once)."""
+    s = {}
+    if task == "qa":
+        from .judges import judge_mbti
+        hits = []
+        for axis, p in judge_mbti(judges, embed, texts).items():
+            first = axis.split("_")[0].upper()
+            target = next(x for x in persona if ev.AXIS_OF[x] == ev.AXIS_OF[first])
+            hit = (p > 0.5) if target == first else (p < 0.5)
+            s[f"agree_{axis}"] = float(hit.mean())
+            hits.append(hit)
+        s["mean_agreement"] = float(np.mean([h.mean() for h in hits]))
+        s["type_match"] = float(np.all(hits, axis=0).mean())
+    else:
+        from .judges import judge_roleplay
+        probs = judge_roleplay(judges, embed, {a: [r[a] for r in rows] for a in judges}, texts)
+        for attr, p in probs.items():
+            s[f"follows_{attr}"] = float((p > 0.5).mean())
+        s["mean_agreement"] = float(np.mean([s[f"follows_{a}"] for a in probs]))
+        s["both"] = float(np.all([p > 0.5 for p in probs.values()], axis=0).mean())
+    return s
 
 
 def answers_table(scores: dict, task: str) -> str:
@@ -222,7 +234,8 @@ def answers_table(scores: dict, task: str) -> str:
     lines = ["| method | n | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for method, per in _ordered(scores):
         n = sum(s["n"] for s in per.values())
-        vals = [ev.fmt(float(np.mean([s[c] for s in per.values()])), pct) for c, _, pct in cols]
+        vals = [ev.fmt(float(np.mean([s[c] for s in per.values()])) if all(c in s for s in per.values()) else None,
+                       pct) for c, _, pct in cols]
         lines.append(f"| {method} | {n} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
