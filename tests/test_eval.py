@@ -77,6 +77,8 @@ def test_mcqa_summary_counts_agreement_and_whole_type():
     assert s["axis_soft"]["EI"] == pytest.approx((0.9 + 0.2 + 0.9) / 3)
     assert s["axis_agreement"]["SN"] == 1.0 and s["axis_agreement"]["JP"] == 1.0
     assert s["type_accuracy"] == 1.0                                  # every axis's majority is the target
+    tie = ev.mcqa_summary([{**rows[0], "p_a": 0.5}, {**rows[1], "p_a": 1.0}])["m"]   # unparsed = one half
+    assert tie["axis_agreement"]["EI"] == pytest.approx(0.75) and tie["axis_soft"]["EI"] == pytest.approx(0.75)
 
 
 def test_mcqa_probs_on_a_tiny_model_cover_every_baseline(tiny):
@@ -190,6 +192,7 @@ def test_eval_cli_runs_resumes_and_rejects_bad_input(tiny, tmp_path, capsys):
     assert main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "qa.jsonl").read_text().splitlines()]
     assert sorted(r["method"] for r in rows) == ["base", "merge", "prompt", "scr"]
+    assert not any("reference" in r for r in rows)            # ids only: the data is read from ../shared
     summary = json.loads((tmp_path / "qa_summary.json").read_text())
     assert set(summary["scores"]) == {"base", "prompt", "merge", "scr", "reference answers"}
     assert "similarity" not in summary["scores"]["reference answers"]["ENTJ"]    # judged, not compared to itself

@@ -236,7 +236,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         embed = Embedder()
         train = train_mbti_judges if a.task == "qa" else train_roleplay_judges
         judges = train(embed, a.data_dir, limit=a.judge_limit, seed=a.seed)
-        rows = [r for r in res.rows if r["persona"] in personas and r["method"] in methods]
+        rows = er.with_items(res.rows, cfg)
         scores = er.score_answers(rows, a.task, judges, embed)
         summary = {"scores": scores, "judges": {n: {"held_out_accuracy": j.held_out_accuracy, "n_train": j.n_train,
                                                     "n_held_out": j.n_held_out} for n, j in judges.items()},

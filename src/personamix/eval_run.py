@@ -164,11 +164,21 @@ def run_answers(gen: Generator, merges: Mapping[str, str], cfg: EvalConfig) -> e
         for persona, item, user, system, method in todo:
             a = ev.answer(gen, user, method, persona_weights(persona), merges.get(persona), system,
                           **_sampling(cfg, cfg.seed + int(item["id"])))
-            extra = {k: item[k] for k in ("profile", "personality") if k in item}
-            res.add({"task": cfg.task, "persona": persona, "method": method, "id": item["id"],
-                     "reference": item["reference"], **extra, **a})
+            res.add({"task": cfg.task, "persona": persona, "method": method, "id": item["id"], **a})
             bar.update(1)
     return res
+
+
+def with_items(rows: list[dict], cfg: EvalConfig) -> list[dict]:
+    """The answers of this run's personas and methods, joined with their items' reference answer
+    (and role-play traits) read from the data: result files hold ids, not copies of the data."""
+    items = {(p, item["id"]): item for p, item, _, _ in _prompts(cfg)}
+    out = []
+    for r in rows:
+        item = items.get((r["persona"], str(r["id"])))
+        if item is not None and r["method"] in cfg.methods:
+            out.append({**r, **{k: item[k] for k in ("reference", "profile", "personality") if k in item}})
+    return out
 
 
 def score_answers(rows: list[dict], task: str, judges: dict, embed) -> dict:
@@ -259,5 +269,5 @@ def judges_table(judges: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["EvalConfig", "eval_generator", "run_mcqa", "mcqa_table", "run_answers", "score_answers",
+__all__ = ["EvalConfig", "eval_generator", "run_mcqa", "mcqa_table", "run_answers", "with_items", "score_answers",
            "answers_table", "quality_gap", "judges_table", "persona_weights", "ROLEPLAY"]

@@ -250,8 +250,9 @@ def parse_choice(text: str) -> str | None:
 
 
 def mcqa_summary(rows: Iterable[dict]) -> dict:
-    """Per (method): per-axis agreement (hard: the likelier option is the target pole; soft: mean
-    P(target pole)), and whole-type accuracy (each axis's majority pole, over personas)."""
+    """Per (method): per-axis agreement (hard: the likelier option is the target pole, a tie -- an
+    unparsed generated answer -- counts one half; soft: mean P(target pole)), and whole-type
+    accuracy (each axis's majority pole, over personas)."""
     by: dict[str, dict] = {}
     for r in rows:
         p_target = r["p_a"] if r["pole_a"] == r["target_pole"] else 1 - r["p_a"]
@@ -260,16 +261,20 @@ def mcqa_summary(rows: Iterable[dict]) -> dict:
     out = {}
     for method, cells in by.items():
         axes = sorted({ax for _, ax in cells}, key=["EI", "SN", "TF", "JP"].index)
-        hard = {ax: float(np.mean([np.mean(np.array(v) > 0.5) for (_, a), v in cells.items() if a == ax]))
-                for ax in axes}
+        hard = {ax: float(np.mean([np.mean(_hit(v)) for (_, a), v in cells.items() if a == ax])) for ax in axes}
         soft = {ax: float(np.mean([np.mean(v) for (_, a), v in cells.items() if a == ax])) for ax in axes}
         personas = sorted({p for p, _ in cells})
-        typed = [all(np.mean(np.array(cells[(p, ax)]) > 0.5) > 0.5 for ax in axes if (p, ax) in cells)
+        typed = [all(np.mean(_hit(cells[(p, ax)])) > 0.5 for ax in axes if (p, ax) in cells)
                  for p in personas]
         out[method] = {"axis_agreement": hard, "axis_soft": soft,
                        "mean_agreement": float(np.mean(list(hard.values()))),
                        "type_accuracy": float(np.mean(typed)), "personas": len(personas)}
     return out
+
+
+def _hit(p_target) -> np.ndarray:
+    p = np.asarray(p_target, dtype=float)
+    return np.where(p > 0.5, 1.0, np.where(p == 0.5, 0.5, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
