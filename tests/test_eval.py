@@ -140,6 +140,19 @@ def test_every_method_answers_on_a_tiny_model(tiny):
         ev.method_plan("beam", {}, None)
 
 
+def test_results_file_resumes_after_a_cut_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    ev.Results(path).add({"task": "qa", "persona": "ENTJ", "method": "scr", "id": "0"})
+    path.write_text(path.read_text() + '{"task": "qa", "pers')          # killed mid-write
+    res = ev.Results(path)
+    assert ("qa", "ENTJ", "scr", "0") in res and len(res.rows) == 1
+    res.add({"task": "qa", "persona": "ENTJ", "method": "scr", "id": "1"})
+    assert len(ev.Results(path).rows) == 2                              # the cut line is gone, not glued on
+    path.write_text('{"broken"\n' + path.read_text())
+    with pytest.raises(PersonamixError, match="line 1 is not JSON"):
+        ev.Results(path)
+
+
 def test_metrics():
     assert ev.distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
     assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)

@@ -312,14 +312,15 @@ class Results:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict] = []
-        if self.path.is_file():
-            for n, line in enumerate(self.path.read_text().splitlines()):
-                if line.strip():
-                    try:
-                        self.rows.append(json.loads(line))
-                    except json.JSONDecodeError:       # a line cut by an interrupted run: redo it
-                        if n != len(self.path.read_text().splitlines()) - 1:
-                            raise PersonamixError(f"{self.path} line {n + 1} is not JSON") from None
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        for n, line in enumerate(lines):
+            if line.strip():
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:       # a last line cut by an interrupted run: drop it, redo it
+                    if n != len(lines) - 1:
+                        raise PersonamixError(f"{self.path} line {n + 1} is not JSON") from None
+                    self.path.write_text("".join(x + "\n" for x in lines[:n]))
         self._done = {self.key(r) for r in self.rows}
 
     @staticmethod
