@@ -11,7 +11,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +19,7 @@ import torch
 
 from personamix import Generator
 from personamix.cli import _quiet
+from personamix.benchmark import hf_generate
 from personamix.models import random_adapters
 from personamix.models import DEFAULT_MODEL, load_reference
 
@@ -29,16 +29,6 @@ def label(method: str, backend: str | None) -> str:
 
 PROMPT = "Write a short paragraph about how you like to spend a free weekend."
 METHODS = ["base", "token", "token-rs", "scr", "spec"]
-
-
-def hf_generate(model, ids: list[int], tokens: int, seed: int) -> float:
-    """transformers' own sampling loop on the plain reference (no adapter machinery loaded)."""
-    torch.manual_seed(seed)
-    x = torch.tensor([ids])
-    start = time.perf_counter()
-    out = model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, top_k=0)
-    elapsed = time.perf_counter() - start
-    return (out.shape[1] - x.shape[1]) / elapsed
 
 
 def main() -> None:

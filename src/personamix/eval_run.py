@@ -4,7 +4,7 @@ Markdown table under one output directory. Runs resume from their JSONL files.""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -34,7 +34,6 @@ class EvalConfig:
     readouts: tuple[str, ...] = ("prob",)       # mcqa only
     data_dir: str | None = None
     judge_limit: int | None = None              # training pairs per judge (None: all)
-    sampling: dict = field(default_factory=dict)
 
 
 def persona_weights(persona: str) -> dict[str, float]:
@@ -64,7 +63,7 @@ def _progress(total: int, desc: str):
 
 def _sampling(cfg: EvalConfig, seed: int, max_new_tokens: int | None = None) -> dict:
     return dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, seed=seed, temperature=cfg.temperature,
-                k=cfg.k, **cfg.sampling)
+                k=cfg.k)
 
 
 # ---------------------------------------------------------------------------------------------

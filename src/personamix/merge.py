@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+import torch
+
 from .errors import PersonamixError
 from .models import cache_dir, load_reference, resolve_model
 
@@ -39,27 +41,18 @@ def merged_adapter(model: str, adapters: Mapping[str, str], weights: Mapping[str
     out = Path(out)
     if (out / "adapter_config.json").is_file():
         return str(out)
-    ref, _ = load_reference(model, device=_cpu())
+    ref, _ = load_reference(model, device=torch.device("cpu"))
     names = list(used)
     peft_model = PeftModel.from_pretrained(ref, adapters[names[0]], adapter_name=names[0])
     for n in names[1:]:
         peft_model.load_adapter(adapters[n], adapter_name=n)
     peft_model.add_weighted_adapter(names, [used[n] for n in names], "merged", combination_type="cat")
-    with tempfile.TemporaryDirectory(dir=_mkparent(out)) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=["merged"])
         saved = next(p.parent for p in Path(tmp).rglob("adapter_config.json"))
         shutil.move(str(saved), str(out))       # whole directory appears at once: safe to resume
     return str(out)
-
-
-def _cpu():
-    import torch
-    return torch.device("cpu")
-
-
-def _mkparent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
 
 
 __all__ = ["merged_adapter"]
