@@ -2,10 +2,12 @@
 
 Starts the server as a subprocess (default model + shipped MBTI adapters) unless --url is
 given, sends a bounded number of streaming chat requests per level, and prints p50/p95
-latency, time to first token, aggregate tokens/s, errors, dropped streams (no [DONE]) and the
-server's resident memory before and after each level.
+latency, time to first token, aggregate tokens/s, errors, dropped streams (no [DONE]), the
+server's mean batch size (generation steps served per model forward: concurrent requests share
+forwards) and its resident memory before and after each level. The last level is repeated, so
+memory growth is read after a warm-up at full concurrency.
 
-    python bench/loadtest.py [--levels 1 4 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
+    python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
 """
 from __future__ import annotations
 
@@ -65,12 +67,19 @@ def one_request(url: str, i: int, max_tokens: int, method: str) -> dict:
     return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens, "dropped": not done}
 
 
+def batching(url: str) -> tuple[int, int]:
+    b = httpx.get(url + "/health", timeout=10).json().get("batching") or {}
+    return b.get("forwards", 0), b.get("calls", 0)
+
+
 def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None) -> dict:
     before = rss_mb(pid)
+    forwards, calls = batching(url)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(url, i, max_tokens, method), range(clients * requests)))
     wall = time.perf_counter() - start
+    forwards, calls = (x1 - x0 for x0, x1 in zip((forwards, calls), batching(url)))
     ok = [r for r in results if "error" not in r]
     lat = sorted(r["latency"] for r in ok) or [float("nan")]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
@@ -79,6 +88,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
             "dropped": sum(r["dropped"] for r in ok), "p50_s": statistics.median(lat), "p95_s": pct(lat, 0.95),
             "ttft_p50_s": statistics.median(ttft), "tokens": sum(r["tokens"] for r in ok),
             "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before, "rss_after_mb": rss_mb(pid),
+            "batch": calls / forwards if forwards else None,
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
 
@@ -100,7 +110,7 @@ def start_server(port: int, max_pending: int) -> subprocess.Popen:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None)
-    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 16, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--method", default="scr")
@@ -123,11 +133,18 @@ def main() -> None:
             proc.wait(timeout=30)
     single = rows[0]["agg_tok_s"]
     head = ("| clients | requests | errors | dropped | p50 latency | p95 latency | TTFT p50 | aggregate tok/s | "
-            "x 1 client | RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|")
+            "x 1 client | steps per forward | RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [
         f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s | {r['p95_s']:.1f} s "
         f"| {r['ttft_p50_s']:.2f} s | {r['agg_tok_s']:.1f} | {r['agg_tok_s'] / single:.2f} "
+        f"| {'-' if r['batch'] is None else format(r['batch'], '.1f')} "
         f"| {r['rss_before_mb'] or 0:.0f} -> {r['rss_after_mb'] or 0:.0f} MB |" for r in rows]
+    last = [r for r in rows if r["clients"] == rows[-1]["clients"]]
+    if len(last) > 1 and last[0]["rss_after_mb"]:
+        growth = last[-1]["rss_after_mb"] / last[0]["rss_after_mb"] - 1
+        lines.append(f"\nMemory after warm-up: {last[0]['rss_after_mb']:.0f} MB after the first {last[0]['clients']}-client "
+                     f"level, {last[-1]['rss_after_mb']:.0f} MB after the last ({growth:+.1%}; "
+                     f"{sum(r['requests'] for r in last[1:])} more requests).")
     info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "
             f"request, {a.requests} streaming requests per client, personas cycling ENTJ/ISFP/INFJ/ESTP, "
             f"{os.cpu_count()} CPU cores")

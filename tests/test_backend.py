@@ -13,7 +13,7 @@ from conftest import save_lora, save_tiny
 SEQ = [0, 3, 1, 4, 2, 2, 0]
 
 
-@pytest.mark.parametrize("backend", ["fast", "lora"])
+@pytest.mark.parametrize("backend", ["batched", "fast", "lora"])
 def test_batched_adapters_equal_separate_forwards(tiny_dir, backend):
     """One forward over N+1 rows (fast batched deltas, or PEFT adapter_names=) == each adapter on its own."""
     base, adapters = tiny_dir
@@ -28,7 +28,7 @@ def test_batched_adapters_equal_separate_forwards(tiny_dir, backend):
     assert torch.allclose(batched, torch.stack(rows), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["fast", "lora"])
+@pytest.mark.parametrize("backend", ["batched", "fast", "lora"])
 def test_separate_models_backend_matches_lora_backend(tiny_dir, backend):
     base, adapters = tiny_dir
     lora = Generator.from_pretrained(str(base), adapters=adapters, backend=backend, device="cpu")

@@ -48,9 +48,10 @@ def peft_logits(base, path, seq):
         return model(torch.tensor([seq])).logits[0]
 
 
-def test_fast_path_equals_peft_for_mixed_ranks_targets_and_scalings(mixed):
+@pytest.mark.parametrize("backend", ["fast", "batched"])
+def test_fast_path_equals_peft_for_mixed_ranks_targets_and_scalings(mixed, backend):
     base, adapters = mixed
-    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    gen = Generator.from_pretrained(base, adapters=adapters, backend=backend, device="cpu")
     assert isinstance(gen.backend, FastLoraBackend)
     got = Session(gen.backend).logits("all", SEQ, len(SEQ))
     with torch.no_grad():
@@ -60,9 +61,10 @@ def test_fast_path_equals_peft_for_mixed_ranks_targets_and_scalings(mixed):
     assert not torch.allclose(want[1], want[0], atol=1e-2)      # the adapters really change the model
 
 
-def test_subsets_and_order_of_adapters(mixed):
+@pytest.mark.parametrize("backend", ["fast", "batched"])
+def test_subsets_and_order_of_adapters(mixed, backend):
     base, adapters = mixed
-    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    gen = Generator.from_pretrained(base, adapters=adapters, backend=backend, device="cpu")
     names = list(adapters)[::-1][:2]
     got = Session(gen.backend, names).logits("prefs", SEQ, 4)
     want = torch.stack([peft_logits(base, adapters[n], SEQ)[-4:] for n in names])
@@ -73,9 +75,10 @@ def test_subsets_and_order_of_adapters(mixed):
     assert torch.allclose(ref_only[0], plain, atol=1e-5)
 
 
-def test_rollback_on_fast_path(mixed):
+@pytest.mark.parametrize("backend", ["fast", "batched"])
+def test_rollback_on_fast_path(mixed, backend):
     base, adapters = mixed
-    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    gen = Generator.from_pretrained(base, adapters=adapters, backend=backend, device="cpu")
     s = Session(gen.backend)
     s.logits("all", SEQ[:5])
     s.logits("all", SEQ[:5] + [4, 4], 2)       # a rejected draft

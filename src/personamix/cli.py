@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default model without --adapter: mbti)")
     g.add_argument("--persona", default=None, help="MBTI letters, e.g. ENTJ (equal weights on adapters E,N,T,J)")
     g.add_argument("--weights", default=None, help="explicit weights, e.g. E=0.7,N=0.3 (negative allowed)")
-    g.add_argument("--backend", default="auto", help="auto | lora | separate")
+    g.add_argument("--backend", default="auto", help="auto | batched | fast | lora | separate (see models.build_backend)")
     g.add_argument("--device", default=None)
     g.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as plain text")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead of streaming")

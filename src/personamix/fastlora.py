@@ -48,6 +48,10 @@ class _Rows:
     index: torch.Tensor | None = None
     all_in_order: bool = False
     key: tuple[int, ...] = ()          # the adapter indices as a tuple (for the per-layer gather cache)
+    # grouped mode (calls packed into one sequence, batching.py): adapter index[u] applies to the
+    # flattened positions gather[u*G : (u+1)*G], each group padded to G positions with `valid` [U*G, 1] = 0
+    gather: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
 
 class MultiLoraLinear(nn.Module):
@@ -73,6 +77,11 @@ class MultiLoraLinear(nn.Module):
                     self._subsets.clear()
                 ab = self._subsets[rows.key] = (self.lora_a[rows.index], self.lora_b[rows.index])
             a, b = ab
+        if rows.gather is not None:
+            xs = x.reshape(-1, x.shape[-1]).index_select(0, rows.gather).view(len(a), -1, x.shape[-1])   # [U, G, in]
+            d = torch.bmm(torch.bmm(xs, a), b).view(-1, y.shape[-1]) * rows.valid
+            y.view(-1, y.shape[-1]).index_add_(0, rows.gather, d)
+            return y
         xs = x[rows.start:]
         y[rows.start:] += torch.bmm(torch.bmm(xs, a), b)
         return y

@@ -228,18 +228,21 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
     """A backend over the reference and preference models.
 
     kind="fast": all preferences are LoRA adapters, scored in one forward with batched low-rank
-    deltas (fastlora.py). kind="lora": the same through PEFT's `adapter_names=` (the reference
+    deltas (fastlora.py). kind="batched": fast, and concurrent generations (threads) share one
+    forward per step (batching.py; for servers). kind="lora": the same through PEFT's `adapter_names=` (the reference
     implementation; slower). kind="separate": every preference model is a full model (a LoRA
     adapter is merged into its own copy of the reference: the paper's setting). "auto": fast
     when every entry is a LoRA adapter it supports; else lora (PEFT batches), or separate for
-    adapters PEFT cannot batch (DoRA) and for full models.
+    adapters PEFT cannot batch (DoRA) and for full models; batched over fast when the model's
+    forward can be batched across calls (checked on the model at load time).
     """
+    from .batching import BatchingLoraBackend, BatchingUnsupported, check_batchable
     from .fastlora import FastLoraBackend, UnsupportedAdapter
 
     adapters = dict(adapters or {})
     _check_names(adapters)
-    if kind not in ("auto", "fast", "lora", "separate"):
-        raise PersonamixError(f"backend must be 'auto', 'fast', 'lora' or 'separate', got {kind!r}")
+    if kind not in ("auto", "batched", "fast", "lora", "separate"):
+        raise PersonamixError(f"backend must be 'auto', 'batched', 'fast', 'lora' or 'separate', got {kind!r}")
     for name, path in adapters.items():
         if not isinstance(path, (str, os.PathLike)):
             raise PersonamixError(f"adapter {name!r}: expected a directory or hub id, got {type(path).__name__}")
@@ -249,18 +252,24 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
     requested = kind
     if kind == "auto":
         kind = "fast" if all(lora.values()) else "separate"
-    if kind in ("fast", "lora"):
+        if kind == "fast":
+            try:
+                check_batchable(ref)
+                kind = "batched"
+            except BatchingUnsupported:
+                pass
+    if kind in ("batched", "fast", "lora"):
         full = [n for n, is_lora in lora.items() if not is_lora]
         if full:
             raise PersonamixError(f"backend={kind!r} needs PEFT adapters, but {', '.join(full)} are full models; "
                                   "use backend='separate'")
-    if kind == "fast":
+    if kind in ("batched", "fast"):
         for name, path in adapters.items():
             check_same_vocab(tokenizer, path, f"adapter {name!r}")
         try:
-            return FastLoraBackend(ref, adapters)
+            return (BatchingLoraBackend if kind == "batched" else FastLoraBackend)(ref, adapters)
         except UnsupportedAdapter as e:
-            if requested == "fast":
+            if requested in ("batched", "fast"):
                 raise
             kind = "lora" if e.peft_batchable else "separate"
             warnings.warn(f"{e}; falling back to PEFT (backend={kind!r}, slower)")

@@ -16,6 +16,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, Literal
 
@@ -121,6 +122,9 @@ def create_app(gen: Generator, model_id: str, *, max_pending: int = 16, max_body
     """The ASGI app serving `gen` under the name `model_id`."""
     app = FastAPI(title="personamix", version="0.1.0")
     admission = _Admission(max_pending)
+    # one thread per admitted request, so that all of them can be in a forward at once (with the
+    # batched backend they then share it); asyncio's default pool has only cpu_count + 4 threads
+    workers = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="personamix")
     app.state.admission = admission
     app.state.streams_cancelled = 0    # streams stopped early because their client went away
     created = int(time.time())
@@ -167,14 +171,14 @@ def create_app(gen: Generator, model_id: str, *, max_pending: int = 16, max_body
     async def _run(prompt, req: _Common, shape):
         admission.enter()
         try:
-            stream = await asyncio.to_thread(_open, prompt, req)
+            stream = await asyncio.get_running_loop().run_in_executor(workers, _open, prompt, req)
         except BaseException:
             admission.leave()
             raise
         rid = f"{shape.prefix}-{uuid.uuid4().hex[:24]}"
         if not req.stream:
             try:
-                await asyncio.to_thread(lambda: [None for _ in stream])
+                await asyncio.get_running_loop().run_in_executor(workers, lambda: [None for _ in stream])
             finally:
                 admission.leave()
             r = stream.result
@@ -247,8 +251,12 @@ def create_app(gen: Generator, model_id: str, *, max_pending: int = 16, max_body
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "adapters": list(gen.adapter_names),
-                "in_flight": admission.active, "max_pending": admission.limit}
+        body = {"status": "ok", "model": model_id, "adapters": list(gen.adapter_names),
+                "in_flight": admission.active, "max_pending": admission.limit,
+                "backend": type(gen.backend).__name__}
+        if hasattr(gen.backend, "forwards"):   # cross-request batching: calls / forwards = mean batch size
+            body["batching"] = {"forwards": gen.backend.forwards, "calls": gen.backend.calls}
+        return body
 
     @app.get("/", response_class=HTMLResponse)
     async def playground():

@@ -1,0 +1,221 @@
+"""Cross-request batching: concurrent generations share one model forward per step.
+
+Every generation runs its sampler in its own thread and calls `forward` as usual. A call that
+arrives while a forward is running waits; the next forward runs every call that accumulated
+meanwhile (continuous batching with no scheduler and no tuning knob: the batch is whatever
+is waiting, so a lone request is never delayed). Rows of different calls keep their own KV
+caches, of different lengths, and different numbers of new tokens (a one-token draft beside a
+k-token chunk to score, or a prompt); all rows are packed into one sequence without padding,
+every linear layer (the bulk of the cost) runs once over it, LoRA deltas included (fastlora's
+grouped mode), and attention runs call by call on views of each call's own cache (a custom
+attention function; no copies).
+
+A row's logits equal what the call would get alone up to float rounding (matmuls over more
+rows may round differently), so a seeded request is independent of its neighbours except
+where two tokens tie to within that rounding.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+
+from .backend import Group, PreallocatedCache
+from .errors import PersonamixError
+from .fastlora import FastLoraBackend
+
+ATTENTION = "personamix_calls"
+
+
+class BatchingUnsupported(PersonamixError):
+    """This model's forward cannot be batched across calls (see check_batchable)."""
+
+
+@dataclass(eq=False)
+class _Call:
+    tokens: torch.Tensor          # [T] new tokens, fed after what `cache` holds
+    cache: object                 # the call's PreallocatedCache
+    n_logits: int
+    adapters: list[int]           # one per row: adapter index, -1 = reference (no delta)
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    past: int = 0                 # tokens the cache held before this forward
+    mask: torch.Tensor | None = None   # [T, past + T] causal mask (None when T == 1)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The calls of one forward, packed into ONE sequence: call c's row r occupies positions
+    offsets[c] + r*T_c ... + T_c - 1 (no padding). Handed to the model as its cache (`update`
+    writes each call's new keys/values into that call's own cache) and to the attention
+    function (`attend`)."""
+
+    calls: list[_Call]
+    offsets: list[int] = field(default_factory=list)
+    kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def _split(self, x: torch.Tensor, c: _Call, o: int) -> torch.Tensor:
+        """[1, heads, S, D] -> the call's [rows, heads, T, D] (a view)."""
+        rows, t = len(c.adapters), len(c.tokens)
+        return x[0, :, o: o + rows * t].unflatten(1, (rows, t)).transpose(0, 1)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = [c.cache.update(self._split(key_states, c, o), self._split(value_states, c, o), layer_idx)
+                              for c, o in zip(self.calls, self.offsets)]
+        return key_states, value_states   # unused: attention reads self.kv
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0   # positions are passed explicitly
+
+    def attend(self, module, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention output [1, S, H, D] for the packed query [1, H, S, D]."""
+        out = torch.empty_like(query)
+        for c, o, (k, v) in zip(self.calls, self.offsets, self.kv[module.layer_idx]):
+            q = self._split(query, c, o)
+            self._split(out, c, o).copy_(F.scaled_dot_product_attention(
+                q, k, v, attn_mask=c.mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]))
+        return out.transpose(1, 2)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, batch=None, **kwargs):
+    if batch is None:
+        raise PersonamixError(f"attention implementation {ATTENTION!r} runs only inside BatchingLoraBackend")
+    return batch.attend(module, query, module.scaling if scaling is None else scaling), None
+
+
+AttentionInterface.register(ATTENTION, _attention)
+
+
+def forward_calls(model: PreTrainedModel, calls: list[_Call]) -> None:
+    """One forward of the model over the rows of all `calls`, packed into one sequence (each
+    row at its own positions); sets each call's logits [rows, n_logits, V] and appends its new
+    keys/values to its cache. The model's attention implementation must be ATTENTION and the
+    LoRA row state (if any) set by the caller (see token_adapters)."""
+    dev = next(model.parameters()).device
+    batch = _Batch(calls)
+    ids, pos, keep, o = [], [], [], 0
+    for c in calls:
+        c.past = c.cache.get_seq_length()
+        rows, t = len(c.adapters), len(c.tokens)
+        if t > 1:   # bottom-right causal: new token i sees the past and new tokens 0..i
+            c.mask = torch.ones(t, c.past + t, dtype=torch.bool, device=dev).tril(c.past)
+        ids.append(c.tokens.repeat(rows))
+        pos.append((c.past + torch.arange(t, device=dev)).repeat(rows))
+        keep.append((o + torch.arange(rows, device=dev).view(-1, 1) * t
+                     + torch.arange(t - c.n_logits, t, device=dev)).view(-1))
+        batch.offsets.append(o)
+        o += rows * t
+    hidden = model.get_decoder()(input_ids=torch.cat(ids).view(1, -1), position_ids=torch.cat(pos).view(1, -1),
+                                 cache=batch, batch=batch, use_cache=True).last_hidden_state[0]   # [S, d]
+    logits = model.get_output_embeddings()(hidden.index_select(0, torch.cat(keep)))
+    start = 0
+    for c in calls:
+        n = len(c.adapters) * c.n_logits
+        c.logits = logits[start: start + n].view(len(c.adapters), c.n_logits, -1)
+        start += n
+
+
+def token_adapters(calls: list[_Call]) -> list[int]:
+    """The adapter of every position of the packed sequence (-1: reference)."""
+    return [a for c in calls for a in c.adapters for _ in range(len(c.tokens))]
+
+
+@torch.inference_mode()
+def check_batchable(model: PreTrainedModel) -> None:
+    """Raise BatchingUnsupported unless `forward_calls` reproduces this model's own forward:
+    two calls of different lengths, then a multi-token call over a cached prefix, compared with
+    one plain forward. Leaves the model as it was."""
+    cfg = model.config.get_text_config()
+    for attr in ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, attr, None):
+            raise BatchingUnsupported(f"cross-request batching does not support {attr} ({type(model).__name__})")
+    dev = next(model.parameters()).device
+    ids = torch.arange(12, device=dev) * 7 % int(cfg.vocab_size)
+    expected = model(input_ids=ids.view(1, -1)).logits[0]                           # [12, V]
+    previous = model.config._attn_implementation
+    problem = None
+    try:
+        model.set_attn_implementation(ATTENTION)
+        a, b = _Call(ids[:8], PreallocatedCache(), 1, [-1]), _Call(ids[:5], PreallocatedCache(), 2, [-1])
+        forward_calls(model, [a, b])
+        c = _Call(ids[8:], a.cache, 4, [-1])
+        forward_calls(model, [c, _Call(ids[5:6], b.cache, 1, [-1])])
+        got = torch.cat([a.logits[0], b.logits[0], c.logits[0]])
+        want = torch.cat([expected[7:8], expected[3:5], expected[8:12]])
+        tol = 1e-4 if expected.dtype == torch.float32 else 5e-2
+        if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
+            problem = f"logits differ by {(got.float() - want.float()).abs().max().item():.2g}"
+    except Exception as e:  # noqa: BLE001 - any failure means: not batchable
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        model.set_attn_implementation(previous)
+    if problem:
+        raise BatchingUnsupported(f"cross-request batching does not reproduce {type(model).__name__}'s "
+                                  f"forward ({problem})")
+
+
+class BatchingLoraBackend(FastLoraBackend):
+    """FastLoraBackend whose concurrent `forward` calls (one per generation thread) run as ONE
+    forward of the base model (see the module docstring). Takes over the model's attention
+    implementation: use the model through this backend only. `forwards` / `calls` count model
+    forwards and the calls they served (calls / forwards = mean batch size)."""
+
+    def __init__(self, model: PreTrainedModel, adapters: dict[str, str]):
+        check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
+        super().__init__(model, adapters)
+        model.set_attn_implementation(ATTENTION)
+        self._queue: list[_Call] = []
+        self._queue_lock = threading.Lock()
+        self.forwards = self.calls = 0
+
+    def forward(self, group: Group, tokens: torch.Tensor, cache, n_logits: int,
+                names: Sequence[str]) -> tuple[torch.Tensor, int]:
+        if group != "ref" and not names:
+            raise PersonamixError("no preference models take part")
+        if not 1 <= n_logits <= len(tokens):
+            raise ValueError(f"n_logits={n_logits} for {len(tokens)} new tokens")
+        rows = ([-1] if group in ("ref", "all") else []) + ([] if group == "ref" else [self._index[n] for n in names])
+        call = _Call(tokens, cache, n_logits, rows)
+        with self._queue_lock:
+            self._queue.append(call)
+        with self._lock:
+            if call.logits is None and call.error is None:   # nobody ran it while we waited: run all that wait
+                with self._queue_lock:
+                    calls, self._queue = self._queue, []
+                self._run(calls)
+        if call.error is not None:
+            raise call.error
+        return call.logits, 1
+
+    @torch.inference_mode()
+    def _run(self, calls: list[_Call]) -> None:
+        try:
+            self._set_rows(token_adapters(calls))
+            forward_calls(self.model, calls)
+            self.forwards += 1
+            self.calls += len(calls)
+        except BaseException as e:   # every call of the batch learns of it (their caches are now unusable)
+            for c in calls:
+                c.error = e
+        finally:
+            self._rows.index = self._rows.gather = self._rows.valid = None
+
+    def _set_rows(self, adapters: list[int]) -> None:
+        """Group the packed positions by adapter, each group padded to the largest (fastlora's grouped mode)."""
+        used = sorted({a for a in adapters if a >= 0})
+        if not used:
+            return
+        members = {a: [i for i, x in enumerate(adapters) if x == a] for a in used}
+        g = max(len(m) for m in members.values())
+        rows = self._rows
+        rows.start, rows.key = 0, tuple(used)
+        rows.all_in_order = used == list(range(len(self.names)))
+        rows.index = torch.tensor(used, device=self.device)
+        rows.gather = torch.tensor([i for a in used for i in members[a] + [0] * (g - len(members[a]))],
+                                   device=self.device)
+        rows.valid = torch.tensor([float(j < len(members[a])) for a in used for j in range(g)],
+                                  dtype=next(self.model.parameters()).dtype, device=self.device).view(-1, 1)

@@ -1,0 +1,119 @@
+"""Cross-request batching: calls of concurrent generations share one forward and each gets what
+it would get alone (batching.py)."""
+import threading
+import time
+
+import pytest
+import torch
+from transformers import CohereConfig, CohereForCausalLM, MistralConfig, MistralForCausalLM
+
+from personamix import Generator, PersonamixError
+from personamix.backend import PreallocatedCache, Session
+from personamix.batching import ATTENTION, BatchingLoraBackend, BatchingUnsupported, _Call, check_batchable
+
+from conftest import save_lora, save_tiny
+
+SEQ = [0, 3, 1, 4, 2, 2, 0, 1, 3]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The same tiny model with adapters E, N, T twice: through the batching backend and the plain fast one."""
+    root = tmp_path_factory.mktemp("batching")
+    base = save_tiny(root / "base", vocab=5, layers=2, hidden=32)
+    adapters = {name: save_lora(base, root / name, seed=i) for i, name in enumerate("ENT")}
+    batched = Generator.from_pretrained(str(base), adapters=adapters, backend="batched", device="cpu")
+    fast = Generator.from_pretrained(str(base), adapters=adapters, backend="fast", device="cpu")
+    return batched, fast
+
+
+def test_auto_picks_batching_for_lora_adapters(tiny_gen):
+    assert isinstance(tiny_gen.backend, BatchingLoraBackend)
+
+
+def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair):
+    """Six calls in ONE forward (groups ref/prefs/all, adapter subsets in any order, 1..4 new
+    tokens over cached prefixes of different lengths) == each call alone on the fast backend;
+    and the caches they leave behind are right (the next steps agree too)."""
+    batched, fast = pair
+    b = batched.backend
+    plans = [("all", ("E", "N", "T"), 3, 1), ("ref", (), 5, 1), ("prefs", ("T", "E"), 2, 4),
+             ("all", ("N",), 6, 3), ("prefs", ("E", "N", "T"), 4, 2), ("ref", (), 1, 4)]
+    sessions, calls = [], []
+    for group, names, prefix, new in plans:
+        alone = Session(fast.backend, names or None)
+        mine = Session(b, names or None)
+        mine.logits(group, SEQ[:prefix])               # cache the prefix (a call of its own)
+        cache = mine._caches[group]
+        rows = ([-1] if group != "prefs" else []) + [b._index[n] for n in names if group != "ref"]
+        calls.append(_Call(torch.tensor(SEQ[prefix: prefix + new]), cache, new, rows))
+        sessions.append((group, prefix + new, alone, mine))
+    forwards = b.forwards
+    b._run(calls)
+    assert b.forwards == forwards + 1
+    for call, (group, end, alone, mine) in zip(calls, sessions):
+        assert call.error is None
+        want = alone.logits(group, SEQ[:end], call.n_logits)
+        assert call.logits.shape == want.shape
+        assert torch.allclose(call.logits, want, atol=1e-5)
+        mine._tokens[group] = SEQ[:end]                # tell the session what its cache now holds
+        assert torch.allclose(mine.logits(group, SEQ[:end] + [2]), alone.logits(group, SEQ[:end] + [2]), atol=1e-5)
+
+
+def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
+    batched, fast = pair
+    b = batched.backend
+    jobs = [dict(method=m, weights=w, seed=s) for s, (m, w) in enumerate(
+        [("token", {"E": 1.0, "N": 1.0}), ("scr", {"T": 0.5, "E": 0.5}), ("spec", {"N": 1.0}),
+         ("token-rs", {"E": 0.7, "T": 0.3}), ("base", None), ("token", {"E": 1.0, "N": -0.5, "T": 1.0})])]
+    alone = [fast.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **j).token_ids for j in jobs]
+    out: dict[int, list[int]] = {}
+
+    def run(i):
+        out[i] = batched.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **jobs[i]).token_ids
+
+    forwards, calls = b.forwards, b.calls
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    with b._lock:                       # hold the model until every thread's first call waits: they share it
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while len(b._queue) < len(jobs):
+            assert time.time() < deadline, "threads did not queue their calls"
+            time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=120)
+    assert [out[i] for i in range(len(jobs))] == alone
+    assert b.calls - calls > b.forwards - forwards     # some forwards served several generations
+
+
+def test_an_error_reaches_every_call_of_the_batch_and_the_backend_goes_on(pair):
+    batched, _ = pair
+    b = batched.backend
+    good = _Call(torch.tensor([1, 2]), PreallocatedCache(), 1, [-1])
+    bad = _Call(torch.tensor([1, 99]), PreallocatedCache(), 1, [-1])        # token id beyond the vocabulary
+    b._run([good, bad])
+    assert good.error is not None and bad.error is not None and good.logits is None
+    assert Session(b).logits("all", SEQ).shape == (4, 1, 5)                   # the next call works
+
+
+def test_models_it_cannot_batch_are_refused_and_left_untouched():
+    window = MistralForCausalLM(MistralConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                              num_attention_heads=2, num_key_value_heads=1, sliding_window=4))
+    with pytest.raises(BatchingUnsupported, match="sliding_window"):
+        check_batchable(window)
+    torch.manual_seed(0)
+    scaled = CohereForCausalLM(CohereConfig(vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1, logit_scale=3.0))
+    before = scaled.config._attn_implementation
+    with pytest.raises(BatchingUnsupported, match="logits differ"):   # lm_head(decoder(x)) * logit_scale
+        check_batchable(scaled)
+    assert scaled.config._attn_implementation == before != ATTENTION
+
+
+def test_batched_backend_refuses_what_it_cannot_run(pair):
+    batched, _ = pair
+    with pytest.raises(PersonamixError, match="no preference models"):
+        batched.backend.forward("prefs", torch.tensor([1]), PreallocatedCache(), 1, ())
+    with pytest.raises(ValueError, match="n_logits"):
+        batched.backend.forward("ref", torch.tensor([1]), PreallocatedCache(), 2, ())
