@@ -74,13 +74,17 @@ def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
 
     forwards, calls = b.forwards, b.calls
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    with b._lock:                       # hold the model until every thread's first call waits: they share it
-        for t in threads:
-            t.start()
-        deadline = time.time() + 30
-        while len(b._queue) < len(jobs):
-            assert time.time() < deadline, "threads did not queue their calls"
-            time.sleep(0.01)
+    with b._turn:                        # the model looks busy until every thread's first call waits: they share it
+        b._running = True
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while len(b._queue) < len(jobs):
+        assert time.time() < deadline, "threads did not queue their calls"
+        time.sleep(0.01)
+    with b._turn:
+        b._running = False
+        b._turn.notify_all()
     for t in threads:
         t.join(timeout=120)
     assert [out[i] for i in range(len(jobs))] == alone
@@ -117,3 +121,22 @@ def test_batched_backend_refuses_what_it_cannot_run(pair):
         batched.backend.forward("prefs", torch.tensor([1]), PreallocatedCache(), 1, ())
     with pytest.raises(ValueError, match="n_logits"):
         batched.backend.forward("ref", torch.tensor([1]), PreallocatedCache(), 2, ())
+
+
+def test_scr_scoring_forward_carries_the_next_draft_step(pair):
+    """logits_together: chunk scoring (prefs) and the reference's step after the chunk in ONE
+    forward on the batched backend, two on a backend that cannot fuse; same logits; the next
+    draft step then needs no forward; and SCR spends fewer forwards for the same tokens."""
+    batched, fast = pair
+    fused, plain = Session(batched.backend), Session(fast.backend)
+    assert fused.fuses and not plain.fuses
+    requests = [("prefs", SEQ[:6], 3), ("ref", SEQ[:7], 1)]
+    got, want = fused.logits_together(requests), plain.logits_together(requests)
+    assert fused.forward_passes == 1 and plain.forward_passes == 2
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
+    assert torch.allclose(fused.logits("ref", SEQ[:7]), got[1]) and fused.forward_passes == 1
+    kw = dict(method="scr", weights={"E": 1.0, "N": 1.0}, k=3, max_new_tokens=24, seed=5, ignore_eos=True)
+    a, b = batched.generate(SEQ[:3], **kw), fast.generate(SEQ[:3], **kw)
+    assert a.token_ids == b.token_ids
+    assert a.stats.chunks_accepted[3] > 0 and a.stats.forward_passes < b.stats.forward_passes

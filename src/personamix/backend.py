@@ -46,6 +46,9 @@ class Backend(Protocol):
 
     def crop(self, cache: object, n_remove: int) -> None: ...
 
+    # optional: forward_together(calls: [(group, tokens, cache, n_logits)], names) -> ([logits], passes)
+    # runs the calls of several groups in one forward (BatchingLoraBackend); Session.fuses checks for it
+
 
 class Session:
     """KV caches of one generation, one per group, created on first use.
@@ -76,6 +79,52 @@ class Session:
 
     def logits(self, group: Group, seq: Sequence[int], n_logits: int = 1) -> torch.Tensor:
         """Logits [rows, n_logits, V]: row r, column j predicts the token after seq[len(seq) - n_logits + j]."""
+        return self.logits_together([(group, seq, n_logits)])[0]
+
+    @property
+    def fuses(self) -> bool:
+        """Whether `logits_together` runs the requests of several groups in ONE forward."""
+        return hasattr(self.backend, "forward_together")
+
+    def logits_together(self, requests: Sequence[tuple[Group, Sequence[int], int]]) -> list[torch.Tensor]:
+        """`logits` for several (group, seq, n_logits) of different groups; one forward for all
+        when the backend can (`fuses`), else one per group."""
+        if len({g for g, _, _ in requests}) != len(requests):
+            raise ValueError("one request per group")
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        todo = []        # (index, group, seq, new tokens, n_logits)
+        for i, (group, seq, n_logits) in enumerate(requests):
+            out[i] = self._from_cache(group, seq, n_logits)
+            if out[i] is None:
+                keep = len(self.cached(group))
+                todo.append((i, group, seq, torch.tensor(seq[keep:], dtype=torch.long, device=self.backend.device),
+                             n_logits))
+        if not todo:
+            return out
+        for _, group, _, _, _ in todo:
+            if group not in self._caches:
+                self._caches[group] = self.backend.new_cache(group, self.names)
+        if self.fuses and len(todo) > 1:
+            logits, passes = self.backend.forward_together(
+                [(g, new, self._caches[g], n) for _, g, _, new, n in todo], self.names)
+        else:
+            results = [self.backend.forward(g, new, self._caches[g], n, self.names) for _, g, _, new, n in todo]
+            logits, passes = [r[0] for r in results], sum(r[1] for r in results)
+        self.forward_passes += passes
+        for (i, group, seq, _, n_logits), lg in zip(todo, logits):
+            self._tokens[group] = list(seq)
+            memo = self._memo.setdefault(group, {})
+            for j, p in enumerate(range(len(seq) - n_logits + 1, len(seq) + 1)):
+                memo[p] = lg[:, j]
+            for p in sorted(memo)[:-self.MEMO]:
+                del memo[p]
+            out[i] = lg
+        return out
+
+    def _from_cache(self, group: Group, seq: Sequence[int], n_logits: int) -> torch.Tensor | None:
+        """The logits if the memo has them (after rolling the cache back to `seq`); else None,
+        with the cache rolled back to the longest prefix it shares with `seq` that leaves at
+        least n_logits tokens to feed."""
         if group not in GROUPS:
             raise ValueError(f"unknown group {group!r}")
         if not 1 <= n_logits <= len(seq):
@@ -92,19 +141,8 @@ class Session:
         if keep == len(seq) and all(p in memo for p in wanted):
             self.truncate(group, keep)               # e.g. rolled back into a draft: logits already known
             return torch.stack([memo[p] for p in wanted], dim=1)
-        keep = min(keep, len(seq) - n_logits)
-        self.truncate(group, keep)
-        if group not in self._caches:
-            self._caches[group] = self.backend.new_cache(group, self.names)
-        new = torch.tensor(seq[keep:], dtype=torch.long, device=self.backend.device)
-        logits, passes = self.backend.forward(group, new, self._caches[group], n_logits, self.names)
-        self.forward_passes += passes
-        self._tokens[group] = list(seq)
-        for j, p in enumerate(wanted):
-            memo[p] = logits[:, j]
-        for p in sorted(memo)[:-self.MEMO]:
-            del memo[p]
-        return logits
+        self.truncate(group, min(keep, len(seq) - n_logits))
+        return None
 
     def truncate(self, group: Group, length: int) -> None:
         """Roll the group's cache back to its first `length` tokens."""

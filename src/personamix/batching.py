@@ -8,7 +8,8 @@ caches, of different lengths, and different numbers of new tokens (a one-token d
 k-token chunk to score, or a prompt); all rows are packed into one sequence without padding,
 every linear layer (the bulk of the cost) runs once over it, LoRA deltas included (fastlora's
 grouped mode), and attention runs call by call on views of each call's own cache (a custom
-attention function; no copies).
+attention function; no copies). A call that finds no company runs alone through the fast
+backend's plain forward, so a single generation costs exactly what it costs on `fast`.
 
 A row's logits equal what the call would get alone up to float rounding (matmuls over more
 rows may round differently), so a seeded request is independent of its neighbours except
@@ -22,7 +23,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 from .backend import Group, PreallocatedCache
 from .errors import PersonamixError
@@ -41,10 +44,16 @@ class _Call:
     cache: object                 # the call's PreallocatedCache
     n_logits: int
     adapters: list[int]           # one per row: adapter index, -1 = reference (no delta)
+    group: Group = "ref"
+    names: tuple[str, ...] = ()
     logits: torch.Tensor | None = None
     error: BaseException | None = None
     past: int = 0                 # tokens the cache held before this forward
     mask: torch.Tensor | None = None   # [T, past + T] causal mask (None when T == 1)
+
+    @property
+    def finished(self) -> bool:
+        return self.logits is not None or self.error is not None
 
 
 @dataclass(eq=False)
@@ -82,12 +91,16 @@ class _Batch:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, batch=None, **kwargs):
-    if batch is None:
-        raise PersonamixError(f"attention implementation {ATTENTION!r} runs only inside BatchingLoraBackend")
+    if batch is None:   # a plain forward (one call alone): the model's usual SDPA attention
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
     return batch.attend(module, query, module.scaling if scaling is None else scaling), None
 
 
 AttentionInterface.register(ATTENTION, _attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)   # plain forwards get SDPA's masks
+_PACKED = torch.ones(1, 1, 1, 1, dtype=torch.bool)       # a 4D "mask" the model passes through untouched:
+                                                         # packed calls mask themselves (_Batch.attend)
 
 
 def forward_calls(model: PreTrainedModel, calls: list[_Call]) -> None:
@@ -110,7 +123,8 @@ def forward_calls(model: PreTrainedModel, calls: list[_Call]) -> None:
         batch.offsets.append(o)
         o += rows * t
     hidden = model.get_decoder()(input_ids=torch.cat(ids).view(1, -1), position_ids=torch.cat(pos).view(1, -1),
-                                 cache=batch, batch=batch, use_cache=True).last_hidden_state[0]   # [S, d]
+                                 attention_mask=_PACKED, cache=batch, batch=batch,
+                                 use_cache=True).last_hidden_state[0]                          # [S, d]
     logits = model.get_output_embeddings()(hidden.index_select(0, torch.cat(keep)))
     start = 0
     for c in calls:
@@ -140,12 +154,13 @@ def check_batchable(model: PreTrainedModel) -> None:
     problem = None
     try:
         model.set_attn_implementation(ATTENTION)
+        plain = model(input_ids=ids.view(1, -1)).logits[0]
         a, b = _Call(ids[:8], PreallocatedCache(), 1, [-1]), _Call(ids[:5], PreallocatedCache(), 2, [-1])
         forward_calls(model, [a, b])
         c = _Call(ids[8:], a.cache, 4, [-1])
         forward_calls(model, [c, _Call(ids[5:6], b.cache, 1, [-1])])
-        got = torch.cat([a.logits[0], b.logits[0], c.logits[0]])
-        want = torch.cat([expected[7:8], expected[3:5], expected[8:12]])
+        got = torch.cat([a.logits[0], b.logits[0], c.logits[0], plain])
+        want = torch.cat([expected[7:8], expected[3:5], expected[8:12], expected])
         tol = 1e-4 if expected.dtype == torch.float32 else 5e-2
         if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
             problem = f"logits differ by {(got.float() - want.float()).abs().max().item():.2g}"
@@ -168,34 +183,58 @@ class BatchingLoraBackend(FastLoraBackend):
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
         super().__init__(model, adapters)
         model.set_attn_implementation(ATTENTION)
-        self._queue: list[_Call] = []
-        self._queue_lock = threading.Lock()
+        self._queue: list[_Call] = []          # calls waiting for the next forward
+        self._running = False                  # a thread is running a forward
+        self._turn = threading.Condition()     # guards both; notified when a forward ends
         self.forwards = self.calls = 0
 
     def forward(self, group: Group, tokens: torch.Tensor, cache, n_logits: int,
                 names: Sequence[str]) -> tuple[torch.Tensor, int]:
+        logits, passes = self.forward_together([(group, tokens, cache, n_logits)], names)
+        return logits[0], passes
+
+    def forward_together(self, requests: Sequence[tuple[Group, torch.Tensor, object, int]],
+                         names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
+        """Several calls of one generation (different groups, e.g. SCR's chunk scoring and its
+        next draft step) in the same forward, shared with other generations' waiting calls."""
+        calls = [self._call(*r, names) for r in requests]
+        with self._turn:
+            self._queue.extend(calls)          # all at once: they always land in the same forward
+            while self._running and not calls[0].finished:
+                self._turn.wait()
+            lead = not calls[0].finished       # the model is free: run every call that waits, ours included
+            if lead:
+                self._running = True
+                batch, self._queue = self._queue, []
+        if lead:
+            try:
+                self._run(batch)
+            finally:
+                with self._turn:
+                    self._running = False
+                    self._turn.notify_all()
+        for c in calls:
+            if c.error is not None:
+                raise c.error
+        return [c.logits for c in calls], 1
+
+    def _call(self, group: Group, tokens: torch.Tensor, cache, n_logits: int, names: Sequence[str]) -> _Call:
         if group != "ref" and not names:
             raise PersonamixError("no preference models take part")
         if not 1 <= n_logits <= len(tokens):
             raise ValueError(f"n_logits={n_logits} for {len(tokens)} new tokens")
         rows = ([-1] if group in ("ref", "all") else []) + ([] if group == "ref" else [self._index[n] for n in names])
-        call = _Call(tokens, cache, n_logits, rows)
-        with self._queue_lock:
-            self._queue.append(call)
-        with self._lock:
-            if call.logits is None and call.error is None:   # nobody ran it while we waited: run all that wait
-                with self._queue_lock:
-                    calls, self._queue = self._queue, []
-                self._run(calls)
-        if call.error is not None:
-            raise call.error
-        return call.logits, 1
+        return _Call(tokens, cache, n_logits, rows, group, tuple(names))
 
     @torch.inference_mode()
     def _run(self, calls: list[_Call]) -> None:
         try:
-            self._set_rows(token_adapters(calls))
-            forward_calls(self.model, calls)
+            if len(calls) == 1:   # alone: exactly the fast backend's forward
+                c = calls[0]
+                c.logits = self._forward_one(c.group, c.tokens, c.cache, c.n_logits, c.names)
+            else:
+                self._set_rows(token_adapters(calls))
+                forward_calls(self.model, calls)
             self.forwards += 1
             self.calls += len(calls)
         except BaseException as e:   # every call of the batch learns of it (their caches are now unusable)

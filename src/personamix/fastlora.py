@@ -194,22 +194,26 @@ class FastLoraBackend:
                 names: Sequence[str]) -> tuple[torch.Tensor, int]:
         if group != "ref" and not names:
             raise PersonamixError("no preference models take part")
+        with self._lock:
+            return self._forward_one(group, tokens, cache, n_logits, names), 1
+
+    def _forward_one(self, group: Group, tokens: torch.Tensor, cache: DynamicCache, n_logits: int,
+                     names: Sequence[str]) -> torch.Tensor:
+        """One call's forward (rows of one group over the same tokens); the caller holds the lock."""
         n_rows = 1 if group == "ref" else len(names) + (group == "all")
         ids = tokens.view(1, -1).expand(n_rows, -1)
-        with self._lock:
-            if group == "ref":
-                self._rows.index = None
-            else:
-                idx = [self._index[n] for n in names]
-                self._rows.start = int(group == "all")
-                self._rows.index = torch.tensor(idx, device=self.device)
-                self._rows.all_in_order = idx == list(range(len(self.names)))
-                self._rows.key = tuple(idx)
-            try:
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{self._cache_kw: cache})
-            finally:
-                self._rows.index = None
-        return out.logits, 1
+        if group == "ref":
+            self._rows.index = None
+        else:
+            idx = [self._index[n] for n in names]
+            self._rows.start = int(group == "all")
+            self._rows.index = torch.tensor(idx, device=self.device)
+            self._rows.all_in_order = idx == list(range(len(self.names)))
+            self._rows.key = tuple(idx)
+        try:
+            return self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **{self._cache_kw: cache}).logits
+        finally:
+            self._rows.index = None
 
     def crop(self, cache: DynamicCache, n_remove: int) -> None:
         _crop(cache, n_remove)

@@ -9,6 +9,9 @@ One step, after prefix Y:
  4. all prefixes rejected: single-token fallback, Token-RS at position 1 with the exact
     bound (so every step emits >= 1 token and the step's work is bounded)
  5. the S_j of the drafted chunk enter window_j (size W) after the decision.
+With a backend that fuses groups (the batched one), the reference's step after c_k rides along
+in the scoring forward of step 2, so when C is accepted whole the next draft starts without a
+forward of its own (k forwards per accepted k-token chunk instead of k + 1).
 
 Choices where the paper is vague (documented in docs/samplers.md):
  * one window per prefix length j: S of a j-token prefix is a sum of j token log ratios, so
@@ -46,7 +49,12 @@ def sample(session: Session, prompt: list[int], target: Target, cfg: SamplerConf
     while True:
         k = min(cfg.k, session.backend.max_length - len(seq))   # never draft past the context
         chunk, logq = draft(session, seq, k, target, rng)                           # [k, V]
-        pref_logits = session.logits("prefs", seq + chunk[:-1], k)                 # [N, k, V]
+        if session.fuses and len(seq) + k < session.backend.max_length:
+            # the next step's first draft logits (after the whole chunk) ride along in the scoring
+            # forward; used when C is accepted whole, else rolled back like any rejected draft
+            pref_logits, _ = session.logits_together([("prefs", seq + chunk[:-1], k), ("ref", seq + chunk, 1)])
+        else:
+            pref_logits = session.logits("prefs", seq + chunk[:-1], k)             # [N, k, V]
         logp = torch.cat([logq[None], log_probs(pref_logits, target, torch.isfinite(logq))])
         chunk_t = torch.tensor(chunk, device=logq.device)
         s, clamped = chunk_scores(logp[0], logp[1:], chunk_t, target)              # [k]
