@@ -70,7 +70,9 @@ class MultiLoraLinear(nn.Module):
             return y
         if rows.all_in_order:
             a, b = self.lora_a, self.lora_b
-        else:   # a subset / reordering of the adapters: gather once per subset, not every forward
+        elif rows.gather is not None:   # packed calls: the set of adapters changes from forward to forward
+            a, b = self.lora_a[rows.index], self.lora_b[rows.index]
+        else:   # one call's subset / reordering of the adapters: gather once per subset, not every forward
             ab = self._subsets.get(rows.key)
             if ab is None:
                 if len(self._subsets) >= 8:

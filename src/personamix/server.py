@@ -97,8 +97,8 @@ def _error_body(message: str, param: str | None = None, code: str | None = None,
 class _Admission:
     """A bounded count of requests in flight (queued or running)."""
 
-    def __init__(self, limit: int):
-        self.limit, self.active, self._lock = limit, 0, threading.Lock()
+    def __init__(self, limit: int, libc=None):
+        self.limit, self.active, self._lock, self._libc = limit, 0, threading.Lock(), libc
 
     def enter(self) -> None:
         with self._lock:
@@ -110,6 +110,27 @@ class _Admission:
     def leave(self) -> None:
         with self._lock:
             self.active -= 1
+            idle = self.active == 0
+        if idle and self._libc is not None:
+            self._libc.malloc_trim(0)   # idle: hand the freed heap back to the OS
+
+
+def _glibc():
+    """glibc, with at most 2 malloc arenas: every request thread otherwise gets an arena of its
+    own, and freed activations stay scattered over them (RSS drifted up by 13% per 64 requests in
+    the load test although the live tensors did not grow; with 2 arenas + a trim when idle it is
+    flat). None where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, 2)    # M_ARENA_MAX
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
 
 
 def _stats_payload(stream) -> dict:
@@ -121,7 +142,7 @@ def create_app(gen: Generator, model_id: str, *, max_pending: int = 16, max_body
                default_max_tokens: int = 128):
     """The ASGI app serving `gen` under the name `model_id`."""
     app = FastAPI(title="personamix", version="0.1.0")
-    admission = _Admission(max_pending)
+    admission = _Admission(max_pending, _glibc())
     # one thread per admitted request, so that all of them can be in a forward at once (with the
     # batched backend they then share it); asyncio's default pool has only cpu_count + 4 threads
     workers = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="personamix")
