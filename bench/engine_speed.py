@@ -11,6 +11,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -93,7 +94,7 @@ def main() -> None:
     print(table)
     if a.out:
         with open(a.out, "w") as f:
-            f.write(f"# Engine speed\n\n{info}.\n\nCommand: `python bench/engine_speed.py --out {a.out}`\n\n"
+            f.write(f"# Engine speed\n\n{info}.\n\nCommand: `python bench/engine_speed.py {' '.join(sys.argv[1:])}`\n\n"
                     f"{table}\n")
 
 

@@ -4,7 +4,7 @@ Starts the server as a subprocess (default model + shipped MBTI adapters) unless
 given, sends a bounded number of streaming chat requests per level, and prints p50/p95
 latency, time to first token, aggregate tokens/s, errors, dropped streams (no [DONE]), the
 server's mean batch size (generation steps served per model forward: concurrent requests share
-forwards) and its resident memory before and after each level. The last level is repeated, so
+forwards) and its resident memory (when idle) before and after each level. The last level is repeated, so
 memory growth is read after a warm-up at full concurrency.
 
     python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
@@ -72,8 +72,17 @@ def batching(url: str) -> tuple[int, int]:
     return b.get("forwards", 0), b.get("calls", 0)
 
 
+def idle_rss_mb(url: str, pid: int | None) -> float | None:
+    """The server's RSS once no request is in flight (it trims its heap when it goes idle)."""
+    deadline = time.time() + 30
+    while time.time() < deadline and httpx.get(url + "/health", timeout=10).json()["in_flight"]:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return rss_mb(pid)
+
+
 def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None) -> dict:
-    before = rss_mb(pid)
+    before = idle_rss_mb(url, pid)
     forwards, calls = batching(url)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
@@ -87,7 +96,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
             "dropped": sum(r["dropped"] for r in ok), "p50_s": statistics.median(lat), "p95_s": pct(lat, 0.95),
             "ttft_p50_s": statistics.median(ttft), "tokens": sum(r["tokens"] for r in ok),
-            "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before, "rss_after_mb": rss_mb(pid),
+            "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before, "rss_after_mb": idle_rss_mb(url, pid),
             "batch": calls / forwards if forwards else None,
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 

@@ -100,7 +100,9 @@ def test_completions_endpoint_and_stream(client):
 def test_models_health_and_playground(server, client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL, f"{MODEL}:E", f"{MODEL}:N"]
-    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["backend"] == "BatchingLoraBackend"   # requests share forwards
+    assert health["batching"]["calls"] >= health["batching"]["forwards"]
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "personamix playground" in page.text and "/v1/chat/completions" in page.text
 

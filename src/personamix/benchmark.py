@@ -24,7 +24,7 @@ from .errors import PersonamixError
 from .generator import Generator
 from .models import DEFAULT_MODEL, load_reference, random_adapters, shipped_adapters
 
-SETTINGS = {"adapters": "fast", "separate": "separate"}
+SETTINGS = {"adapters": "auto", "separate": "separate"}   # auto: the batched LoRA backend (fast when the model cannot batch)
 K_METHODS = ("scr", "spec")              # methods whose cost depends on k
 FLAT_METHODS = ("base", "token", "token-rs")
 PROMPT = "Write a short paragraph about how you like to spend a free weekend."
