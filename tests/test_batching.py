@@ -140,3 +140,24 @@ def test_scr_scoring_forward_carries_the_next_draft_step(pair):
     a, b = batched.generate(SEQ[:3], **kw), fast.generate(SEQ[:3], **kw)
     assert a.token_ids == b.token_ids
     assert a.stats.chunks_accepted[3] > 0 and a.stats.forward_passes < b.stats.forward_passes
+
+
+def test_auto_falls_back_to_the_fast_backend_when_the_model_cannot_batch(tiny_dir):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from personamix.fastlora import FastLoraBackend
+    from personamix.models import build_backend
+
+    base, adapters = tiny_dir
+
+    def windowed():
+        model = LlamaForCausalLM.from_pretrained(base).eval()
+        model.config.sliding_window = 4          # what a windowed model declares (check_batchable refuses it)
+        return model
+
+    tok = AutoTokenizer.from_pretrained(base)
+    backend = build_backend(windowed(), tok, adapters, "auto")
+    assert type(backend) is FastLoraBackend
+    assert Session(backend).logits("all", SEQ).shape == (4, 1, 5)
+    with pytest.raises(BatchingUnsupported, match="sliding_window"):
+        build_backend(windowed(), tok, adapters, "batched")

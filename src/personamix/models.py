@@ -229,14 +229,14 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
 
     kind="fast": all preferences are LoRA adapters, scored in one forward with batched low-rank
     deltas (fastlora.py). kind="batched": fast, and concurrent generations (threads) share one
-    forward per step (batching.py; for servers). kind="lora": the same through PEFT's `adapter_names=` (the reference
-    implementation; slower). kind="separate": every preference model is a full model (a LoRA
+    forward per step (batching.py; for servers). kind="lora": the same through PEFT's
+    `adapter_names=` (the reference implementation; slower). kind="separate": every preference model is a full model (a LoRA
     adapter is merged into its own copy of the reference: the paper's setting). "auto": fast
     when every entry is a LoRA adapter it supports; else lora (PEFT batches), or separate for
     adapters PEFT cannot batch (DoRA) and for full models; batched over fast when the model's
     forward can be batched across calls (checked on the model at load time).
     """
-    from .batching import BatchingLoraBackend, BatchingUnsupported, check_batchable
+    from .batching import BatchingLoraBackend, BatchingUnsupported
     from .fastlora import FastLoraBackend, UnsupportedAdapter
 
     adapters = dict(adapters or {})
@@ -251,13 +251,7 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
     lora = {name: is_lora_adapter(path) for name, path in adapters.items()}
     requested = kind
     if kind == "auto":
-        kind = "fast" if all(lora.values()) else "separate"
-        if kind == "fast":
-            try:
-                check_batchable(ref)
-                kind = "batched"
-            except BatchingUnsupported:
-                pass
+        kind = "batched" if all(lora.values()) else "separate"
     if kind in ("batched", "fast", "lora"):
         full = [n for n, is_lora in lora.items() if not is_lora]
         if full:
@@ -267,7 +261,13 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
         for name, path in adapters.items():
             check_same_vocab(tokenizer, path, f"adapter {name!r}")
         try:
-            return (BatchingLoraBackend if kind == "batched" else FastLoraBackend)(ref, adapters)
+            if kind == "batched":
+                try:
+                    return BatchingLoraBackend(ref, adapters)   # checks the model first; a refusal leaves it as it was
+                except BatchingUnsupported:
+                    if requested == "batched":
+                        raise
+            return FastLoraBackend(ref, adapters)
         except UnsupportedAdapter as e:
             if requested in ("batched", "fast"):
                 raise
