@@ -48,8 +48,7 @@ class _Call:
     names: tuple[str, ...] = ()
     logits: torch.Tensor | None = None
     error: BaseException | None = None
-    past: int = 0                 # tokens the cache held before this forward
-    mask: torch.Tensor | None = None   # [T, past + T] causal mask (None when T == 1)
+    mask: torch.Tensor | None = None   # [T, cached + T] causal mask (None when T == 1)
 
     @property
     def finished(self) -> bool:
@@ -112,12 +111,12 @@ def forward_calls(model: PreTrainedModel, calls: list[_Call]) -> None:
     batch = _Batch(calls)
     ids, pos, keep, o = [], [], [], 0
     for c in calls:
-        c.past = c.cache.get_seq_length()
+        past = c.cache.get_seq_length()
         rows, t = len(c.adapters), len(c.tokens)
         if t > 1:   # bottom-right causal: new token i sees the past and new tokens 0..i
-            c.mask = torch.ones(t, c.past + t, dtype=torch.bool, device=dev).tril(c.past)
+            c.mask = torch.ones(t, past + t, dtype=torch.bool, device=dev).tril(past)
         ids.append(c.tokens.repeat(rows))
-        pos.append((c.past + torch.arange(t, device=dev)).repeat(rows))
+        pos.append((past + torch.arange(t, device=dev)).repeat(rows))
         keep.append((o + torch.arange(rows, device=dev).view(-1, 1) * t
                      + torch.arange(t - c.n_logits, t, device=dev)).view(-1))
         batch.offsets.append(o)
