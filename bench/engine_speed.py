@@ -3,6 +3,10 @@ measured side by side (methods interleaved in each repeat), plus transformers' o
 `generate()` of the reference as the single-model yardstick.
 
     python bench/engine_speed.py [--n 2 4 8] [--backends fast lora] [--tokens 64] [--repeats 3] [--out docs/speed.md]
+
+A backend name with ":plain" (e.g. batched:plain) runs it with PyTorch's default linear
+kernels instead of oneDNN-prepacked weights; `generate() [onednn]` is transformers' loop on a
+reference whose linear layers were packed the same way (onednn.py).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from personamix.cli import _quiet
 from personamix.benchmark import hf_generate
 from personamix.models import random_adapters
 from personamix.models import DEFAULT_MODEL, load_reference
+from personamix.onednn import pack_linears
 
 def label(method: str, backend: str | None) -> str:
     return method if backend is None else f"{method} [{backend}]"
@@ -36,7 +41,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--backends", nargs="+", default=["fast", "lora"],
-                    help="fast (batched multi-LoRA), lora (PEFT adapter_names=), separate (merged copies)")
+                    help="batched, fast (multi-LoRA), lora (PEFT adapter_names=), separate (merged copies); "
+                         "NAME:plain without oneDNN-prepacked weights")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=4)
@@ -46,19 +52,22 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
+    packed, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
+    yardsticks = {"generate()": plain, "generate() [onednn]": packed} if pack_linears(packed) else {"generate()": plain}
     for n in a.n:
         names = [chr(ord("A") + i) for i in range(n)]
         adapters = random_adapters(DEFAULT_MODEL, names)
-        gens = {b: Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend=b, device="cpu")
+        gens = {b: Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend=b.split(":")[0], device="cpu",
+                                             onednn=not b.endswith(":plain"))
                 for b in a.backends}
         ids = next(iter(gens.values())).encode(PROMPT)
         weights = {name: 1.0 / n for name in names}
-        runs_of = [("generate()", None, None)] + [(m, b, g) for b, g in gens.items() for m in METHODS]
+        runs_of = [(y, None, None) for y in yardsticks] + [(m, b, g) for b, g in gens.items() for m in METHODS]
         results: dict[str, list] = {label(m, b): [] for m, b, _ in runs_of}
         for rep in range(a.repeats + 1):                      # repeat 0 is the warm-up
             for method, backend, gen in runs_of:
                 if gen is None:
-                    tps, extra = hf_generate(plain, ids, a.tokens, rep), {}
+                    tps, extra = hf_generate(yardsticks[method], ids, a.tokens, rep), {}
                 else:
                     kw = {} if method == "base" else {"weights": weights}
                     r = gen.generate(ids, method=method, max_new_tokens=a.tokens, seed=rep, ignore_eos=True,

@@ -101,3 +101,22 @@ def test_scr_window_bound_drift_is_measured(tiny3_gen, capsys):
     # the drift is real but bounded on this model; a much larger value means a broken sampler
     for _, d in rows:
         assert d < 0.35
+
+
+def test_draw_follows_the_probabilities_and_skips_zero_mass():
+    import torch
+
+    from personamix import PersonamixError
+    from personamix.samplers.common import draw
+
+    p = torch.tensor([0.0, 2.0, 0.0, 1.0, 5.0, 0.0, 2.0])     # unnormalised, zeros at both ends and inside
+    n = 40_000
+    counts = torch.bincount(draw(p, n, torch.Generator().manual_seed(0)), minlength=len(p)).double()
+    assert counts[p == 0].sum() == 0
+    expected = n * p.double() / p.sum()
+    chi2 = float((((counts - expected) ** 2)[p > 0] / expected[p > 0]).sum())
+    assert chi2 < 16.3     # chi-square, 3 degrees of freedom, p = 0.001
+    with pytest.raises(PersonamixError, match="cannot sample"):
+        draw(torch.tensor([0.5, float("nan")]), 1, torch.Generator())
+    with pytest.raises(PersonamixError, match="cannot sample"):
+        draw(torch.zeros(3), 1, torch.Generator())

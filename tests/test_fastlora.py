@@ -8,6 +8,7 @@ from transformers import LlamaForCausalLM
 from personamix import Generator, PersonamixError
 from personamix.backend import Session
 from personamix.fastlora import FastLoraBackend, UnsupportedAdapter
+from personamix.onednn import PackedLinear
 
 from conftest import save_tiny
 
@@ -86,12 +87,16 @@ def test_rollback_on_fast_path(mixed, backend):
     assert torch.allclose(rolled, Session(gen.backend).logits("all", SEQ, 3), atol=1e-5)
 
 
-def test_adapters_cost_their_own_size_not_a_model_copy(mixed):
+@pytest.mark.parametrize("onednn", [False, True])
+def test_adapters_cost_their_own_size_not_a_model_copy(mixed, onednn):
     base, adapters = mixed
-    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    gen = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu", onednn=onednn)
     model = gen.backend.model
-    n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == sum(p.numel() for p in LlamaForCausalLM.from_pretrained(base).parameters())
+    plain = LlamaForCausalLM.from_pretrained(base)
+    n_weights = sum(p.numel() for p in model.parameters())
+    n_weights += sum(m.packed.numel() for m in model.modules() if isinstance(m, PackedLinear))
+    tied_copy = plain.lm_head.weight.numel() if onednn and plain.config.tie_word_embeddings else 0
+    assert n_weights == sum(p.numel() for p in plain.parameters()) + tied_copy   # packing: one copy of a tied lm_head
     extra = sum(b.numel() for b in model.buffers() if b.dim() == 3)            # stacked A and B
     lora = sum(t.numel() for p in adapters.values() for t in load_file(f"{p}/adapter_model.safetensors").values())
     assert extra <= 3 * 16 / 4 * lora     # zero padding to the largest rank (16) is the only overhead

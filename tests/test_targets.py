@@ -21,6 +21,18 @@ def test_linear_matches_direct_formula_with_signed_weights():
     assert torch.all(s[clamped] == -30.0)
 
 
+@pytest.mark.parametrize("weights", [[0.25, 0.25, 0.5], [0.7, 0.0, 0.3]])
+def test_linear_fast_path_for_nonnegative_weights_equals_the_signed_formula(weights):
+    torch.manual_seed(1)
+    l = torch.randn(3, 40) * 3
+    w = torch.tensor(weights)
+    s, clamped = aggregate(l, w, "linear")
+    signed, _ = aggregate(torch.cat([l, l[:1]]), torch.tensor(weights + [-1e-30]), "linear")   # forces the signed path
+    assert not clamped.any()
+    assert torch.allclose(s, signed, atol=1e-6)
+    assert torch.allclose(s, (w[:, None] * l.exp()).sum(0).log(), atol=1e-5)
+
+
 def test_linear_is_stable_for_large_ratios():
     l = torch.tensor([[800.0], [799.0]], dtype=torch.float64)
     s, clamped = aggregate(l, torch.tensor([1.0, -0.5], dtype=torch.float64), "linear")

@@ -24,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from .errors import PersonamixError
+from .onednn import pack_linears
 
 Group = Literal["ref", "prefs", "all"]
 GROUPS: tuple[str, ...] = ("ref", "prefs", "all")
@@ -274,11 +275,13 @@ class SeparateModelsBackend:
     """Reference and N preference models as separate full models (the paper's setting):
     a group's forward runs each of its models once."""
 
-    def __init__(self, ref: PreTrainedModel, prefs: Sequence[PreTrainedModel], names: Sequence[str]):
+    def __init__(self, ref: PreTrainedModel, prefs: Sequence[PreTrainedModel], names: Sequence[str],
+                 onednn: bool = True):
         if len(prefs) != len(names):
             raise ValueError("one name per preference model")
         self.ref = ref.eval()
         self.prefs = {name: m.eval() for name, m in zip(names, prefs)}
+        self.packed_linears = sum(pack_linears(m) for m in (ref, *prefs)) if onednn else 0
         self.names = tuple(names)
         self.vocab_size, self.max_length, self.device, self._cache_kw = _model_facts(ref)
 

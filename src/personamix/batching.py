@@ -178,9 +178,9 @@ class BatchingLoraBackend(FastLoraBackend):
     implementation: use the model through this backend only. `forwards` / `calls` count model
     forwards and the calls they served (calls / forwards = mean batch size)."""
 
-    def __init__(self, model: PreTrainedModel, adapters: dict[str, str]):
+    def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True):
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
-        super().__init__(model, adapters)
+        super().__init__(model, adapters, onednn)
         model.set_attn_implementation(ATTENTION)
         self._queue: list[_Call] = []          # calls waiting for the next forward
         self._running = False                  # a thread is running a forward

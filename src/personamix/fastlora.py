@@ -28,6 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from .backend import Group, PreallocatedCache, _crop, _model_facts
 from .errors import PersonamixError
+from .onednn import pack_linears
 
 
 class UnsupportedAdapter(PersonamixError):
@@ -180,10 +181,11 @@ class FastLoraBackend:
     """Reference + N LoRA adapters on one base model, all rows of a group in ONE forward, the
     adapters applied by batched matmuls (MultiLoraLinear) instead of PEFT's per-adapter loop."""
 
-    def __init__(self, model: PreTrainedModel, adapters: dict[str, str]):
+    def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True):
         self.model = model.eval()
         self.names = tuple(adapters)
         self._rows = attach(model, adapters) if adapters else _Rows()
+        self.packed_linears = pack_linears(model) if onednn else 0   # CPU: oneDNN-prepacked weights (onednn.py)
         self.vocab_size, self.max_length, self.device, self._cache_kw = _model_facts(model)
         self._index = {name: i for i, name in enumerate(self.names)}
         self._lock = threading.Lock()   # the row state is shared by the wrapped layers

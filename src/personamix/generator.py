@@ -101,18 +101,19 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapters: Mapping[str, str] | str | None = None, *,
                         backend: str = "auto", device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "Generator":
+                        dtype: torch.dtype | None = None, onednn: bool = True) -> "Generator":
         """Load a reference (the embedded default's alias, a hub id or a local directory) and
         preference models: `adapters` maps a name ("E", "N", ...) to a PEFT LoRA adapter
         directory / hub id, or to a full model (see models.build_backend for `backend`). A string
-        names adapters shipped for the default model: "mbti", "roleplay" or "mbti,roleplay"."""
+        names adapters shipped for the default model: "mbti", "roleplay" or "mbti,roleplay".
+        onednn: on CPU, run linear layers with oneDNN-prepacked weights (faster; onednn.py)."""
         if isinstance(adapters, str):
             adapters = shipped_adapters(adapters, model)
         ref, tokenizer = load_reference(model, pick_device(device), dtype)
         if ref.config.get_text_config().vocab_size < len(tokenizer):
             raise PersonamixError(f"tokenizer of {model!r} has {len(tokenizer)} tokens but the model only "
                                   f"{ref.config.get_text_config().vocab_size} embeddings")
-        return cls(build_backend(ref, tokenizer, adapters, backend, dtype), tokenizer, _eos_ids(ref, tokenizer))
+        return cls(build_backend(ref, tokenizer, adapters, backend, dtype, onednn), tokenizer, _eos_ids(ref, tokenizer))
 
     @property
     def adapter_names(self) -> tuple[str, ...]:

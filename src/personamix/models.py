@@ -224,7 +224,7 @@ def shipped_adapters(sets: str, model: str = DEFAULT_MODEL) -> dict[str, str]:
 
 
 def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] | None,
-                  kind: str = "auto", dtype: torch.dtype | None = None):
+                  kind: str = "auto", dtype: torch.dtype | None = None, onednn: bool = True):
     """A backend over the reference and preference models.
 
     kind="fast": all preferences are LoRA adapters, scored in one forward with batched low-rank
@@ -235,6 +235,9 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
     when every entry is a LoRA adapter it supports; else lora (PEFT batches), or separate for
     adapters PEFT cannot batch (DoRA) and for full models; batched over fast when the model's
     forward can be batched across calls (checked on the model at load time).
+    onednn: on CPU, the batched, fast and separate backends run every linear layer with
+    oneDNN-prepacked weights (onednn.py; False keeps PyTorch's default kernels). The lora
+    backend keeps PEFT's layers as they are: it is the reference the fast path is tested against.
     """
     from .batching import BatchingLoraBackend, BatchingUnsupported
     from .fastlora import FastLoraBackend, UnsupportedAdapter
@@ -263,11 +266,11 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
         try:
             if kind == "batched":
                 try:
-                    return BatchingLoraBackend(ref, adapters)   # checks the model first; a refusal leaves it as it was
+                    return BatchingLoraBackend(ref, adapters, onednn)   # checks the model first; a refusal leaves it as it was
                 except BatchingUnsupported:
                     if requested == "batched":
                         raise
-            return FastLoraBackend(ref, adapters)
+            return FastLoraBackend(ref, adapters, onednn)
         except UnsupportedAdapter as e:
             if requested in ("batched", "fast"):
                 raise
@@ -285,7 +288,7 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
             prefs.append(_attach_lora(copy.deepcopy(ref), name, path, tokenizer).merge_and_unload().eval())
         else:
             prefs.append(_load_full_model(name, path, ref, tokenizer, device, dtype))
-    return SeparateModelsBackend(ref, prefs, list(adapters))
+    return SeparateModelsBackend(ref, prefs, list(adapters), onednn)
 
 
 def random_adapters(model: str, names: list[str], seed: int = 0) -> dict[str, str]:

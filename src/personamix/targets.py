@@ -224,6 +224,10 @@ def aggregate(log_ratios: torch.Tensor, weights: torch.Tensor, aggregation: str,
         return s, torch.zeros_like(s, dtype=torch.bool)
     if aggregation != "linear":
         raise PersonamixError(f"unknown aggregation {aggregation!r}")
+    if not bool((weights < 0).any()):   # the usual case: Q = -inf, so S = P exactly and nothing is clamped
+        keep = (weights > 0).nonzero().view(-1)
+        s = torch.logsumexp(torch.log(w[keep]) + log_ratios[keep], dim=0)
+        return s, torch.zeros_like(s, dtype=torch.bool)
     neg_inf = torch.tensor(float("-inf"), dtype=log_ratios.dtype, device=log_ratios.device)
     log_w = torch.log(w.abs())  # -inf where alpha_i == 0: those models drop out
     pos = torch.logsumexp(torch.where(w > 0, log_w + log_ratios, neg_inf), dim=0)

@@ -17,7 +17,7 @@ import torch
 from ..backend import Session
 from ..stats import Stats
 from ..targets import Target, log_probs, token_target
-from .common import SamplerConfig, draft, sample_token
+from .common import SamplerConfig, draft, draw, sample_token
 
 
 def sample(session: Session, prompt: list[int], target: Target, cfg: SamplerConfig,
@@ -39,7 +39,7 @@ def sample(session: Session, prompt: list[int], target: Target, cfg: SamplerConf
         if n < k:   # residual distribution at the first rejected position
             residual = (logp_star[n].exp() - logq[n].exp()).clamp_min(0)
             if float(residual.sum()) > 0:
-                t = int(torch.multinomial(residual, 1, generator=rng))
+                t = int(draw(residual, 1, rng))
             else:   # p* == q up to rounding: the residual is empty, p* itself is the answer
                 t = sample_token(logp_star[n], rng)
         else:       # bonus token
