@@ -85,8 +85,7 @@ class MultiLoraLinear(nn.Module):
             d = torch.bmm(torch.bmm(xs, a), b).view(-1, y.shape[-1]) * rows.valid
             y.view(-1, y.shape[-1]).index_add_(0, rows.gather, d)
             return y
-        xs = x[rows.start:]
-        y[rows.start:] += torch.bmm(torch.bmm(xs, a), b)
+        y[rows.start:].baddbmm_(torch.bmm(x[rows.start:], a), b)   # y += (x A) B, the add fused into the matmul
         return y
 
 
