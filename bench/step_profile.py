@@ -1,7 +1,8 @@
 """Where a decoding step's time goes: one new token at a 100-token context through
 (a) the plain reference, 1 row; (b) the plain reference with N+1 identical rows (the floor
 for any one-forward scoring of N+1 rows); (c) the fast multi-LoRA backend, N+1 rows;
-(d) PEFT adapter_names=, N+1 rows. Median of 20 steps each, interleaved.
+(d) PEFT adapter_names=, N+1 rows. (a)-(c) both with PyTorch's default linear kernels and
+with oneDNN-prepacked weights (onednn.py). Median of 2 x 20 steps each, interleaved.
 
     python bench/step_profile.py [--n 2 4 8] [--out docs/step_profile.md]
 """
@@ -22,6 +23,7 @@ from personamix.backend import Session
 from personamix.cli import _quiet
 from personamix.models import random_adapters
 from personamix.models import DEFAULT_MODEL, load_reference
+from personamix.onednn import pack_linears
 
 CTX = list(range(1000, 1100))
 
@@ -69,32 +71,42 @@ def main() -> None:
     a = ap.parse_args()
     _quiet()
     plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
-    lines = ["| N | plain, 1 row | plain, N+1 rows | fast multi-LoRA, N+1 rows | PEFT adapter_names, N+1 rows | "
-             "fast / plain N+1 | fast / plain 1 row |", "|---|---|---|---|---|---|---|"]
+    packed, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
+    if not pack_linears(packed):
+        raise SystemExit("oneDNN-packed linear layers are not usable on this machine")
+    cols = [("p1", "plain, 1 row"), ("pn", "plain, N+1 rows"), ("fast", "fast multi-LoRA, N+1 rows"),
+            ("q1", "oneDNN: plain, 1 row"), ("qn", "oneDNN: plain, N+1 rows"), ("qfast", "oneDNN: fast, N+1 rows"),
+            ("peft", "PEFT adapter_names, N+1 rows")]
+    lines = ["| N | " + " | ".join(c for _, c in cols) + " | oneDNN fast / oneDNN plain 1 row | "
+             "oneDNN fast / plain 1 row |", "|---|" + "---|" * (len(cols) + 2)]
     for n in a.n:
         adapters = random_adapters(DEFAULT_MODEL, [chr(ord("A") + i) for i in range(n)])
-        fast = Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend="fast", device="cpu")
+        fast = Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend="fast", device="cpu", onednn=False)
+        qfast = Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend="fast", device="cpu")
         peft = Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend="lora", device="cpu")
-        runs = {"p1": [], "pn": [], "fast": [], "peft": []}
+        runs = {k: [] for k, _ in cols}
         for _ in range(2):                                  # interleave two rounds
             runs["p1"] += plain_step(plain, 1, a.steps)
             runs["pn"] += plain_step(plain, n + 1, a.steps)
             runs["fast"] += session_step(fast, a.steps)
+            runs["q1"] += plain_step(packed, 1, a.steps)
+            runs["qn"] += plain_step(packed, n + 1, a.steps)
+            runs["qfast"] += session_step(qfast, a.steps)
             runs["peft"] += session_step(peft, a.steps)
         med = {k: statistics.median(v) * 1000 for k, v in runs.items()}
-        lines.append(f"| {n} | {med['p1']:.1f} ms | {med['pn']:.1f} ms | {med['fast']:.1f} ms | {med['peft']:.1f} ms | "
-                     f"{med['fast'] / med['pn']:.2f} | {med['fast'] / med['p1']:.2f} |")
+        lines.append(f"| {n} | " + " | ".join(f"{med[k]:.1f} ms" for k, _ in cols)
+                     + f" | {med['qfast'] / med['q1']:.2f} | {med['qfast'] / med['p1']:.2f} |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)
     print(table)
-    prof_table = profile_ops(fast) if a.profile else ""
+    prof_table = profile_ops(qfast) if a.profile else ""
     if a.out:
         with open(a.out, "w") as f:
             f.write("# One decoding step, by backend\n\nSmolLM2-135M-Instruct fp32, 2-core CPU, one new token at a "
                     f"100-token context, random rank-8 LoRA on q/k/v/o, median of {2 * a.steps} steps.\n\n"
                     f"Command: `python bench/step_profile.py --profile --out {a.out}`\n\n{table}\n")
             if prof_table:
-                f.write(f"\n## torch.profiler: one fast-backend step with N={a.n[-1]} ({a.n[-1] + 1} rows), "
+                f.write(f"\n## torch.profiler: one fast-backend step (oneDNN) with N={a.n[-1]} ({a.n[-1] + 1} rows), "
                         f"top operators by self CPU time\n\n```\n{prof_table}\n```\n")
 
 

@@ -47,6 +47,8 @@ def test_json_output_is_reproducible(tiny_dir, capsys):
     second = json.loads(capsys.readouterr().out)
     assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) <= 5
     assert first["stats"]["method"] == "spec" and first["seed"] == 4
+    assert main(argv + ["--no-onednn"]) == 0    # PyTorch's kernels: the same tokens up to float rounding
+    assert json.loads(capsys.readouterr().out)["token_ids"] == first["token_ids"]
 
 
 def test_missing_local_paths_are_named(tmp_path, capsys):

@@ -53,6 +53,16 @@ def test_tied_embeddings_still_embed():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_bfloat16_model_is_packed_or_left_alone():
+    model, plain = tiny_model(hidden=32).to(torch.bfloat16), tiny_model(hidden=32).to(torch.bfloat16)
+    packed = pack_linears(model)
+    assert packed in (0, 8)   # 0 where this build's oneDNN has no bf16 linear: then the model is untouched
+    ids = torch.tensor([SEQ])
+    with torch.inference_mode():
+        got, want = model(input_ids=ids).logits.float(), plain(input_ids=ids).logits.float()
+    assert torch.allclose(got, want, atol=0.1 * want.abs().max().item())
+
+
 def test_unsupported_dtype_leaves_the_model_untouched():
     model = tiny_model().to(torch.float16)
     assert "float16" in packing_problem(model.lm_head)

@@ -90,7 +90,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     if a.max_pending < 1:
         raise PersonamixError(f"--max-pending must be >= 1, got {a.max_pending}")
-    gen = Generator.from_pretrained(a.model, adapters=_adapters(a), backend=a.backend, device=a.device)
+    gen = Generator.from_pretrained(a.model, adapters=_adapters(a), backend=a.backend, device=a.device,
+                                    onednn=not a.no_onednn)
     print(f"personamix: serving {a.model} with adapters {', '.join(gen.adapter_names) or '(none)'} "
           f"on http://{a.host}:{a.port}/ (playground) and /v1", file=sys.stderr)
     serve(gen, Path(a.model).name if Path(a.model).exists() else a.model, a.host, a.port, a.max_pending)
@@ -100,7 +101,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from .generator import Generator
 
     gen = Generator.from_pretrained(a.model, adapters=_adapters(a, a.method != "base"), backend=a.backend,
-                                    device=a.device)
+                                    device=a.device, onednn=not a.no_onednn)
     kwargs = _sampling_kwargs(a)
     if a.method != "base":
         kwargs.update(persona=a.persona, weights=_parse_weights(a.weights))
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--weights", default=None, help="explicit weights, e.g. E=0.7,N=0.3 (negative allowed)")
     g.add_argument("--backend", default="auto", help="auto | batched | fast | lora | separate (see models.build_backend)")
     g.add_argument("--device", default=None)
+    g.add_argument("--no-onednn", action="store_true", help="CPU: keep PyTorch's linear kernels (see README, Backends)")
     g.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as plain text")
     g.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats) instead of streaming")
     _sampling_args(g)
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-pending", type=int, default=16, help="requests in flight before 429")
     s.add_argument("--backend", default="auto")
     s.add_argument("--device", default=None)
+    s.add_argument("--no-onednn", action="store_true", help="CPU: keep PyTorch's linear kernels")
     s.set_defaults(func=cmd_serve)
 
     e = sub.add_parser("eval", help="MBTI questionnaire / open questions / role-play against the paper's baselines")

@@ -2,10 +2,9 @@
 
 On CPU an nn.Linear runs PyTorch's default GEMM on the plain [out, in] weight. For the
 few-row matmuls of decoding that is far from what the hardware allows: on the 2-core x86
-machine of docs/speed.md, all linear layers of SmolLM2-135M (30 layers) take 37 ms for one
-row and 41 ms for five; the same weights reordered once into oneDNN's blocked layout take
-20 ms and 17.5 ms (bench/step_profile.py measures whole steps). That matters doubly here:
-MPG scores N+1 rows per step, and with packed weights N+1 rows cost about what one row does.
+machine of docs/step_profile.md a whole SmolLM2-135M decoding step takes 55 ms for one row
+and 84 ms for five; with the same weights reordered once into oneDNN's blocked layout, 36 ms
+for either. That matters doubly here: MPG scores N+1 rows per step.
 
 `pack_linears(model)` swaps every nn.Linear of a CPU model for a `PackedLinear` holding only
 the reordered weight (the plain weight is freed unless something else holds it, e.g. the
