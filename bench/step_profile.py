@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,7 +105,7 @@ def main() -> None:
         with open(a.out, "w") as f:
             f.write("# One decoding step, by backend\n\nSmolLM2-135M-Instruct fp32, 2-core CPU, one new token at a "
                     f"100-token context, random rank-8 LoRA on q/k/v/o, median of {2 * a.steps} steps.\n\n"
-                    f"Command: `python bench/step_profile.py --profile --out {a.out}`\n\n{table}\n")
+                    f"Command: `python bench/step_profile.py {' '.join(sys.argv[1:])}`\n\n{table}\n")
             if prof_table:
                 f.write(f"\n## torch.profiler: one fast-backend step (oneDNN) with N={a.n[-1]} ({a.n[-1] + 1} rows), "
                         f"top operators by self CPU time\n\n```\n{prof_table}\n```\n")
