@@ -14,6 +14,14 @@ rounding (a different summation order). Inference only: the op has no backward.
 """
 from __future__ import annotations
 
+import os
+
+# oneDNN caches one primitive per (layer shape, number of rows). Cross-request batching feeds
+# sequences of ever-changing length, and the default capacity (1024) let that cache grow the
+# server's RSS by ~250 MB over 96 batched generations; 128 covers the shapes of any single
+# generation. Read once, when oneDNN first runs: set it before to choose another value.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
+
 import torch
 import torch.nn.functional as F
 from torch import nn
