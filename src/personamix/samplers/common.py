@@ -62,8 +62,9 @@ def draw(p: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
     if not bool(torch.isfinite(total) & (total > 0)):
         raise PersonamixError(f"cannot sample: the distribution's mass is {float(total)} (non-finite logits?)")
     u = torch.rand(n, generator=rng, device=p.device, dtype=cdf.dtype) * total
-    # the first index whose cumulative mass exceeds u; zero-probability tokens are never chosen
-    return torch.searchsorted(cdf, u, right=True).clamp_max_(len(p) - 1)
+    u.clamp_max_(torch.nextafter(total, torch.zeros_like(total)))   # u < total even where rounding says otherwise
+    # the first index whose cumulative mass exceeds u: never a zero-probability token
+    return torch.searchsorted(cdf, u, right=True)
 
 
 def sample_token(logp: torch.Tensor, rng: torch.Generator) -> int:
