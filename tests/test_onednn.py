@@ -63,6 +63,16 @@ def test_bfloat16_model_is_packed_or_left_alone():
     assert torch.allclose(got, want, atol=0.1 * want.abs().max().item())
 
 
+def test_a_failing_op_is_named_and_the_model_left_untouched(monkeypatch):
+    def broken(self, x):
+        raise RuntimeError("no kernel for this build")
+    monkeypatch.setattr(PackedLinear, "forward", broken)   # stands in for a PyTorch build whose op fails
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="no kernel for this build"):
+        assert pack_linears(model) == 0
+    assert type(model.lm_head) is nn.Linear
+
+
 def test_unsupported_dtype_leaves_the_model_untouched():
     model = tiny_model().to(torch.float16)
     assert "float16" in packing_problem(model.lm_head)

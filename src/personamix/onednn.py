@@ -15,6 +15,7 @@ rounding (a different summation order). Inference only: the op has no backward.
 from __future__ import annotations
 
 import os
+import warnings
 
 # oneDNN caches one primitive per (layer shape, number of rows). Cross-request batching feeds
 # sequences of ever-changing length, and the default capacity (1024) let that cache grow the
@@ -74,7 +75,13 @@ def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear of a CPU model by a PackedLinear (in place); the number replaced.
     0, with the model untouched, when the model is not on CPU or the op is not usable here."""
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    if not linears or packing_problem(linears[0][1]) is not None:
+    if not linears:
+        return 0
+    problem = packing_problem(linears[0][1])
+    if problem is not None:
+        w = linears[0][1].weight
+        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):   # expected to work: say why not
+            warnings.warn(f"oneDNN-packed linear layers unavailable ({problem}); using PyTorch's kernels (slower)")
         return 0
     modules = dict(model.named_modules())
     for name, linear in linears:
