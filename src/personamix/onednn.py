@@ -74,7 +74,8 @@ def packing_problem(linear: nn.Linear) -> str | None:
 def pack_linears(model: nn.Module) -> int:
     """Replace every nn.Linear of a CPU model by a PackedLinear (in place); the number replaced.
     0, with the model untouched, when the model is not on CPU or the op is not usable here."""
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    modules = dict(model.named_modules())
+    linears = [(name, m) for name, m in modules.items() if type(m) is nn.Linear]
     if not linears:
         return 0
     problem = packing_problem(linears[0][1])
@@ -83,7 +84,6 @@ def pack_linears(model: nn.Module) -> int:
         if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):   # expected to work: say why not
             warnings.warn(f"oneDNN-packed linear layers unavailable ({problem}); using PyTorch's kernels (slower)")
         return 0
-    modules = dict(model.named_modules())
     for name, linear in linears:
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, PackedLinear(linear))
