@@ -110,7 +110,7 @@ def _delta(path, module):
 
 
 def test_merged_adapter_is_the_weighted_sum_of_deltas(tiny, tmp_path):
-    from personamix.merge import merged_adapter
+    from personamix.merge import _publish, merged_adapter
 
     base, adapters = tiny
     weights = {"E": 0.5, "N": 0.3, "T": -0.2}
@@ -119,6 +119,19 @@ def test_merged_adapter_is_the_weighted_sum_of_deltas(tiny, tmp_path):
         want = sum(w * _delta(adapters[n], module) for n, w in weights.items())
         torch.testing.assert_close(_delta(path, module), want, rtol=1e-5, atol=1e-6)
     assert merged_adapter(base, adapters, weights, out=tmp_path / "m") == path      # reused, not rebuilt
+    # a second process that merged the same persona at the same time keeps the first one's result
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "adapter_config.json").write_text("{}")
+    _publish(twin, tmp_path / "m")
+    torch.testing.assert_close(_delta(path, "layers.0.self_attn.q_proj"),
+                               sum(w * _delta(adapters[n], "layers.0.self_attn.q_proj") for n, w in weights.items()),
+                               rtol=1e-5, atol=1e-6)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "junk").write_text("")
+    with pytest.raises(OSError):                     # a non-adapter directory in the way is an error, not kept
+        _publish(twin, empty)
     with pytest.raises(PersonamixError, match="unknown adapter"):
         merged_adapter(base, adapters, {"Q": 1.0}, out=tmp_path / "q")
 
@@ -222,6 +235,34 @@ def test_eval_cli_runs_resumes_and_rejects_bad_input(tiny, tmp_path, capsys):
     assert "unknown evaluation method 'beam'" in capsys.readouterr().err
     assert main(["eval", "mcqa", "--readout", "vote", "--out", str(tmp_path)]) == 2
     assert "--readout" in capsys.readouterr().err
+
+
+def test_eval_workers_give_the_same_answers_and_generate_only_skips_the_judges(tiny, tmp_path, capsys):
+    """--workers runs generations concurrently (sharing forwards on the batched backend): the
+    answers are the ones a sequential run gives, whatever order they finish in."""
+    base, adapters = tiny
+    common = ["--model", base, *[f"--adapter={n}={p}" for n, p in adapters.items()], "--types", "ENTJ",
+              "--limit", "2", "--max-new-tokens", "5", "--methods", "base,prompt,token,scr,spec"]
+    for workers in (1, 4):
+        assert main(["eval", "qa", *common, "--workers", str(workers), "--generate-only",
+                     "--out", str(tmp_path / f"w{workers}")]) == 0
+        assert not (tmp_path / f"w{workers}" / "qa_summary.json").exists()     # no judges ran
+    rows = {w: {(r["method"], r["id"]): (r["answer"], r["perplexity"]) for r in map(
+        json.loads, (tmp_path / f"w{w}" / "qa.jsonl").read_text().splitlines())} for w in (1, 4)}
+    assert len(rows[1]) == 10 and rows[4] == rows[1]
+    for workers in (1, 3):
+        assert main(["eval", "mcqa", *common[:-2], "--limit", "3", "--workers", str(workers),
+                     "--readout", "prob,gen", "--methods", "base,prompt,scr", "--out", str(tmp_path / f"m{workers}")]) == 0
+    for name in ("mcqa_prob.jsonl", "mcqa_gen.jsonl"):
+        one, three = [sorted(map(json.loads, (tmp_path / d / name).read_text().splitlines()),
+                             key=lambda r: (r.get("item", r.get("id")), r["method"], r["persona"]))
+                      for d in ("m1", "m3")]
+        assert len(one) > 0 and len(three) == len(one)
+        for a, b in zip(one, three):
+            assert a.keys() == b.keys() and a.get("answer") == b.get("answer")
+            assert a["p_a"] == pytest.approx(b["p_a"], abs=1e-5)
+    assert main(["eval", "qa", "--workers", "0", "--out", str(tmp_path)]) == 2
+    assert "--workers must be >= 1" in capsys.readouterr().err
 
 
 def test_bench_quick_runs_end_to_end(tiny, tmp_path, monkeypatch):

@@ -207,6 +207,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
     if a.limit is not None and a.limit < 1:
         raise PersonamixError(f"--limit must be >= 1, got {a.limit}")
+    if a.workers < 1:
+        raise PersonamixError(f"--workers must be >= 1, got {a.workers}")
     personas = _personas(a.types, a.task)
     default_methods = ("prompt", "single-personality", "single-profile", "merge", "geometric") + ev.MPG_METHODS \
         if a.task == "roleplay" else ev.BASELINES + ev.MPG_METHODS
@@ -221,7 +223,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         raise PersonamixError(f"--readout: unknown {', '.join(bad)}; use prob, gen or prob,gen")
     out = Path(a.out)
     cfg = er.EvalConfig(a.task, out, personas, methods, a.limit, a.max_new_tokens, a.seed, a.temperature, a.k,
-                        readouts, a.data_dir, a.judge_limit)
+                        readouts, a.data_dir, a.judge_limit, a.workers)
     adapters = _parse_adapters(a.adapter) or shipped_adapters("roleplay" if a.task == "roleplay" else "mbti", a.model)
     gen, merges = er.eval_generator(a.model, adapters, personas, methods, a.backend, a.device)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +236,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
         from .judges import Embedder, train_mbti_judges, train_roleplay_judges
 
         res = er.run_answers(gen, merges, cfg)
+        if a.generate_only:
+            print(f"{len(res.rows)} answers in {res.path}; scored by the same command without --generate-only")
+            return
         embed = Embedder()
         train = train_mbti_judges if a.task == "qa" else train_roleplay_judges
         judges = train(embed, a.data_dir, limit=a.judge_limit, seed=a.seed)
@@ -391,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data-dir", default=None)
     e.add_argument("--backend", default="auto")
     e.add_argument("--device", default=None)
+    e.add_argument("--workers", type=int, default=1,
+                   help="generations in flight at once (threads; the batched backend shares one forward per step)")
+    e.add_argument("--generate-only", action="store_true",
+                   help="qa/roleplay: write the answers, skip the judges (score later, e.g. on another machine)")
     e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="tokens/s, forwards/token, acceptance over N x k, adapters vs separate models")

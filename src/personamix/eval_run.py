@@ -4,6 +4,8 @@ Markdown table under one output directory. Runs resume from their JSONL files.""
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -34,6 +36,7 @@ class EvalConfig:
     readouts: tuple[str, ...] = ("prob",)       # mcqa only
     data_dir: str | None = None
     judge_limit: int | None = None              # training pairs per judge (None: all)
+    workers: int = 1                            # generations in flight at once (threads)
 
 
 def persona_weights(persona: str) -> dict[str, float]:
@@ -61,6 +64,30 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="item", dynamic_ncols=True)
 
 
+def _each(todo: list, work, done, workers: int, bar) -> None:
+    """done(item, work(item)) for every item, `workers` generations at a time. With the batched
+    backend, concurrent generations share one model forward per step (as the server's requests
+    do); every other backend serialises its forwards. `done` runs under a lock, in completion
+    order: result rows are keyed, so their order in the file does not matter."""
+    if workers <= 1:
+        for item in todo:
+            done(item, work(item))
+            bar.update(1)
+        return
+    lock = threading.Lock()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="personamix-eval") as pool:
+        futures = {pool.submit(work, item): item for item in todo}
+        try:
+            for f in as_completed(futures):
+                with lock:
+                    done(futures[f], f.result())
+                bar.update(1)
+        except BaseException:
+            for f in futures:               # an error (or Ctrl-C) stops the queue, not only this item
+                f.cancel()
+            raise
+
+
 def _sampling(cfg: EvalConfig, seed: int, max_new_tokens: int | None = None) -> dict:
     return dict(max_new_tokens=max_new_tokens or cfg.max_new_tokens, seed=seed, temperature=cfg.temperature,
                 k=cfg.k)
@@ -81,23 +108,29 @@ def run_mcqa(gen: Generator, merges: Mapping[str, str], cfg: EvalConfig) -> dict
         if {r["persona"] for r in rows} != set(cfg.personas) or {r["item"] for r in rows} != {i.id for i in items}:
             # a file from another run (other personas / items) is recomputed, not mixed in
             with _progress(len(items), "questionnaire (probabilities)") as bar:
-                rows = ev.mcqa_probs(gen, items, cfg.personas, adapters, merges, desc, progress=bar)
+                rows = ev.mcqa_probs(gen, items, cfg.personas, adapters, merges, desc, progress=bar,
+                                     workers=cfg.workers)
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         summary["prob"] = ev.mcqa_summary(rows)
     if "gen" in cfg.readouts:
         res = ev.Results(cfg.out / "mcqa_gen.jsonl")
         todo = [(i, p, m) for i in items for p in cfg.personas for m in cfg.methods
                 if ("mcqa", p, m, i.id) not in res]
+        def work(t):
+            item, persona, method = t
+            return ev.answer(gen, item.prompt(), method, persona_weights(persona), merges.get(persona),
+                             ev.persona_system_prompt(persona, desc), **_sampling(cfg, cfg.seed + int(item.id), 8))
+
+        def done(t, a):
+            item, persona, method = t
+            choice = ev.parse_choice(a["answer"])
+            res.add({"task": "mcqa", "persona": persona, "method": method, "id": item.id, "axis": item.axis,
+                     "pole_a": item.poles["A"], "answer": a["answer"], "choice": choice,
+                     "target_pole": next(x for x in persona if ev.AXIS_OF[x] == item.axis),
+                     "p_a": {"A": 1.0, "B": 0.0}.get(choice, 0.5)})   # unparsed counts as a coin flip
+
         with _progress(len(todo), "questionnaire (generated answers)") as bar:
-            for item, persona, method in todo:
-                a = ev.answer(gen, item.prompt(), method, persona_weights(persona), merges.get(persona),
-                              ev.persona_system_prompt(persona, desc), **_sampling(cfg, cfg.seed + int(item.id), 8))
-                choice = ev.parse_choice(a["answer"])
-                res.add({"task": "mcqa", "persona": persona, "method": method, "id": item.id, "axis": item.axis,
-                         "pole_a": item.poles["A"], "answer": a["answer"], "choice": choice,
-                         "target_pole": next(x for x in persona if ev.AXIS_OF[x] == item.axis),
-                         "p_a": {"A": 1.0, "B": 0.0}.get(choice, 0.5)})   # unparsed counts as a coin flip
-                bar.update(1)
+            _each(todo, work, done, cfg.workers, bar)
         rows = [r for r in res.rows if r["persona"] in cfg.personas and r["method"] in cfg.methods]
         summary["gen"] = ev.mcqa_summary(rows)
         for method, s in summary["gen"].items():
@@ -159,12 +192,17 @@ def run_answers(gen: Generator, merges: Mapping[str, str], cfg: EvalConfig) -> e
     res = ev.Results(cfg.out / f"{cfg.task}.jsonl")
     todo = [(p, item, user, system, m) for p, item, user, system in _prompts(cfg) for m in cfg.methods
             if (cfg.task, p, m, item["id"]) not in res]
+    def work(t):
+        persona, item, user, system, method = t
+        return ev.answer(gen, user, method, persona_weights(persona), merges.get(persona), system,
+                         **_sampling(cfg, cfg.seed + int(item["id"])))
+
+    def done(t, a):
+        persona, item, _, _, method = t
+        res.add({"task": cfg.task, "persona": persona, "method": method, "id": item["id"], **a})
+
     with _progress(len(todo), f"{cfg.task} answers") as bar:
-        for persona, item, user, system, method in todo:
-            a = ev.answer(gen, user, method, persona_weights(persona), merges.get(persona), system,
-                          **_sampling(cfg, cfg.seed + int(item["id"])))
-            res.add({"task": cfg.task, "persona": persona, "method": method, "id": item["id"], **a})
-            bar.update(1)
+        _each(todo, work, done, cfg.workers, bar)
     return res
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -190,30 +191,39 @@ def choice_prob(logp: torch.Tensor, a_ids: list[int], b_ids: list[int]) -> float
 
 def mcqa_probs(gen: Generator, items: Sequence[McqaItem], personas: Sequence[str], adapters: Sequence[str],
                merges: Mapping[str, str], descriptions: Mapping[str, str],
-               singles: bool = True, progress=None) -> list[dict]:
+               singles: bool = True, progress=None, workers: int = 1) -> list[dict]:
     """P(option A) per (item, persona, method) from the exact next-token distribution of each
     method's target, averaged over both option orders: small models favour a letter, and
     P(A | A first) and P(A's text | shown as B) cancel that bias (p_a_as_shown keeps the raw one).
 
     One forward over the reference + all adapters + all merged adapters per (item, order) serves
     every persona; the prompting baseline needs one reference forward per (item, order, persona).
+    `workers` > 1 reads that many items at once (threads; the batched backend shares forwards).
     """
     tok = gen.tokenizer
     a_ids, b_ids = letter_ids(tok, "A"), letter_ids(tok, "B")
     names = list(dict.fromkeys(list(adapters) + [merges[p] for p in personas if p in merges]))
     row = {n: i + 1 for i, n in enumerate(names)}
+    def both_orders(item):
+        out = [_item_probs(gen, item, swapped, personas, names, row, merges, descriptions, singles, a_ids, b_ids)
+               for swapped in (False, True)]
+        if progress is not None:
+            progress.update(1)
+        return out
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="personamix-mcqa") as pool:
+            per_item = list(pool.map(both_orders, items))
+    else:
+        per_item = [both_orders(item) for item in items]
     rows = []
-    for item in items:
-        both = [_item_probs(gen, item, swapped, personas, names, row, merges, descriptions, singles, a_ids, b_ids)
-                for swapped in (False, True)]
+    for item, both in zip(items, per_item):
         for persona in personas:
             for method, p in both[0][persona].items():
                 rows.append({"item": item.id, "axis": item.axis, "persona": persona, "method": method,
                              "p_a": 0.5 * (p + 1.0 - both[1][persona][method]), "p_a_as_shown": p,
                              "target_pole": next(x for x in persona if AXIS_OF[x] == item.axis),
                              "pole_a": item.poles["A"]})
-        if progress is not None:
-            progress.update(1)
     return rows
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -51,8 +50,19 @@ def merged_adapter(model: str, adapters: Mapping[str, str], weights: Mapping[str
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=["merged"])
         saved = next(p.parent for p in Path(tmp).rglob("adapter_config.json"))
-        shutil.move(str(saved), str(out))       # whole directory appears at once: safe to resume
+        _publish(saved, out)
     return str(out)
+
+
+def _publish(saved: Path, out: Path) -> None:
+    """Rename a finished adapter directory to `out` in one step (same parent: atomic), so a
+    half-written merge is never visible; when another process published `out` first (two
+    evaluations merging the same persona at once), keep theirs: it is the same merge."""
+    try:
+        os.rename(saved, out)
+    except OSError:
+        if not (out / "adapter_config.json").is_file():
+            raise
 
 
 __all__ = ["merged_adapter"]
