@@ -185,16 +185,19 @@ def embed():
     return Embedder()
 
 
-def test_mbti_judge_trains_on_a_slice_and_beats_chance_on_held_out_answers(embed):
+@pytest.mark.parametrize("features", ["minilm", "lexical"])
+def test_mbti_judge_trains_on_a_slice_and_beats_chance_on_held_out_answers(embed, features):
     from personamix.judges import judge_mbti, train_mbti_judges
 
-    judges = train_mbti_judges(embed, limit=60, axes=("e_i",))
+    judges = train_mbti_judges(embed, limit=60, axes=("e_i",), features=features)
     j = judges["e_i"]
-    assert j.n_train == 120 and j.n_held_out > 100
-    assert j.held_out_accuracy > 0.62                 # chance is 0.5; the full judge reaches ~0.75
+    assert j.n_train == 120 and j.n_held_out > 100 and j.meta["features"] == features
+    assert j.held_out_accuracy > 0.62                 # chance is 0.5; the full judges reach ~0.75 / ~0.86
     p = judge_mbti(judges, embed, ["I love big parties and meeting new people, the more the merrier!",
                                    "I prefer a quiet evening alone with a book to recharge."])["e_i"]
     assert p[0] > 0.5 > p[1]
+    with pytest.raises(PersonamixError, match="unknown judge features 'bert'"):
+        train_mbti_judges(embed, limit=10, axes=("e_i",), features="bert")
 
 
 def test_roleplay_judge_reads_the_trait_from_the_prompt(embed):
@@ -223,7 +226,10 @@ def test_eval_cli_runs_resumes_and_rejects_bad_input(tiny, tmp_path, capsys):
     assert set(summary["scores"]) == {"base", "prompt", "merge", "scr", "reference answers"}
     assert "similarity" not in summary["scores"]["reference answers"]["ENTJ"]    # judged, not compared to itself
     assert set(summary["judges"]) == {"e_i", "s_n", "t_f", "j_p"}
-    assert "| scr | 1 |" in (tmp_path / "qa.md").read_text()
+    assert summary["judge_features"] == "lexical" and set(summary["by_judge"]) == {"lexical", "minilm"}
+    assert summary["by_judge"]["lexical"]["scores"] == summary["scores"]
+    md = (tmp_path / "qa.md").read_text()
+    assert md.count("| scr | 1 |") == 2 and "**Judges: lexical**" in md and "**Judges: minilm**" in md
     assert main(args) == 0                                            # resumed: nothing regenerated
     assert len((tmp_path / "qa.jsonl").read_text().splitlines()) == 4
     capsys.readouterr()
@@ -235,6 +241,8 @@ def test_eval_cli_runs_resumes_and_rejects_bad_input(tiny, tmp_path, capsys):
     assert "unknown evaluation method 'beam'" in capsys.readouterr().err
     assert main(["eval", "mcqa", "--readout", "vote", "--out", str(tmp_path)]) == 2
     assert "--readout" in capsys.readouterr().err
+    assert main(["eval", "qa", "--judges", "lexical,bert", "--out", str(tmp_path)]) == 2
+    assert "--judges: use one or more of lexical, minilm" in capsys.readouterr().err
 
 
 def test_eval_workers_give_the_same_answers_and_generate_only_skips_the_judges(tiny, tmp_path, capsys):

@@ -204,6 +204,7 @@ def _personas(text: str, task: str) -> tuple[str, ...]:
 def cmd_eval(a: argparse.Namespace) -> None:
     from . import eval_run as er
     from . import evaluation as ev
+    from .judges import MBTI_FEATURES
 
     if a.limit is not None and a.limit < 1:
         raise PersonamixError(f"--limit must be >= 1, got {a.limit}")
@@ -215,6 +216,9 @@ def cmd_eval(a: argparse.Namespace) -> None:
     methods = tuple(m.strip() for m in a.methods.split(",")) if a.methods else default_methods
     for m in methods:
         ev.method_plan(m, {}, "merge")          # an unknown method is an error before anything loads
+    judge_features = tuple(x.strip() for x in a.judges.split(",") if x.strip())
+    if a.task == "qa" and (not judge_features or set(judge_features) - set(MBTI_FEATURES)):
+        raise PersonamixError(f"--judges: use one or more of {', '.join(MBTI_FEATURES)}, got {a.judges!r}")
     if a.task == "qa" and not set(personas) <= set(ev.PAPER_TYPES):
         raise PersonamixError(f"open questions exist for {', '.join(ev.PAPER_TYPES)} only")
     readouts = tuple(r.strip() for r in a.readout.split(","))
@@ -233,30 +237,21 @@ def cmd_eval(a: argparse.Namespace) -> None:
         key = "prob" if "prob" in summary else "gen"
         summary["quality_gap"] = er.quality_gap({m: s["mean_agreement"] for m, s in summary[key].items()})
     else:
-        from .judges import Embedder, train_mbti_judges, train_roleplay_judges
-
         res = er.run_answers(gen, merges, cfg)
         if a.generate_only:
             print(f"{len(res.rows)} answers in {res.path}; scored by the same command without --generate-only")
             return
-        embed = Embedder()
-        train = train_mbti_judges if a.task == "qa" else train_roleplay_judges
-        judges = train(embed, a.data_dir, limit=a.judge_limit, seed=a.seed)
-        rows = er.with_items(res.rows, cfg)
-        scores = er.score_answers(rows, a.task, judges, embed)
-        summary = {"scores": scores, "judges": {n: {"held_out_accuracy": j.held_out_accuracy, "n_train": j.n_train,
-                                                    "n_held_out": j.n_held_out} for n, j in judges.items()},
-                   "quality_gap": er.quality_gap({m: float(sum(s["mean_agreement"] for s in per.values()) / len(per))
-                                                  for m, per in scores.items()})}
-        table = er.answers_table(scores, a.task) + "\nJudges:\n\n" + er.judges_table(judges)
+        summary, table = er.score_run(res.rows, cfg, judge_features)
     summary["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()}
     (out / f"{a.task}_summary.json").write_text(json.dumps(summary, indent=1))
     (out / f"{a.task}.md").write_text(table)
     print(table)
-    gap = summary.get("quality_gap")
-    if gap:
-        print(f"MPG best ({gap['best_mpg']}) vs best of prompting/merging ({gap['best_baseline']}): "
-              f"{100 * gap['relative_gain']:+.1f}% relative on mean per-axis agreement")
+    for judge, section in summary.get("by_judge", {"": summary}).items():
+        gap = section.get("quality_gap")
+        if gap:
+            print(f"MPG best ({gap['best_mpg']}) vs best of prompting/merging ({gap['best_baseline']}): "
+                  f"{100 * gap['relative_gain']:+.1f}% relative on mean per-axis agreement"
+                  + (f" ({judge} judges)" if judge else ""))
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -392,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--k", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--judge-limit", type=int, default=None, help="training pairs per judge (default: all)")
+    e.add_argument("--judges", default="lexical,minilm",
+                   help="qa: judge features, first = headline: lexical (TF-IDF n-grams) and/or minilm (embeddings)")
     e.add_argument("--out", default="results/eval", help="directory for JSONL / JSON / Markdown (resumable)")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--backend", default="auto")

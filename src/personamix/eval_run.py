@@ -299,6 +299,33 @@ def quality_gap(by_method: Mapping[str, float]) -> dict:
             "relative_gain": rel}
 
 
+def score_run(rows: list[dict], cfg: EvalConfig, judge_features: tuple[str, ...] = ("lexical", "minilm")
+              ) -> tuple[dict, str]:
+    """(summary, Markdown) of an open-answer run: one section per judge feature set (qa; the first
+    is the headline, also under summary["scores"/"judges"/"quality_gap"]); role-play has one."""
+    from .judges import Embedder, train_mbti_judges, train_roleplay_judges
+
+    embed = Embedder()
+    rows = with_items(rows, cfg)
+    kinds = tuple(judge_features) if cfg.task == "qa" else ("minilm",)
+    sections, tables = {}, []
+    for kind in kinds:
+        if cfg.task == "qa":
+            judges = train_mbti_judges(embed, cfg.data_dir, limit=cfg.judge_limit, seed=cfg.seed, features=kind)
+        else:
+            judges = train_roleplay_judges(embed, cfg.data_dir, limit=cfg.judge_limit, seed=cfg.seed)
+        scores = score_answers(rows, cfg.task, judges, embed)
+        sections[kind] = {
+            "scores": scores,
+            "judges": {n: {"held_out_accuracy": j.held_out_accuracy, "n_train": j.n_train, "n_held_out": j.n_held_out}
+                       for n, j in judges.items()},
+            "quality_gap": quality_gap({m: float(np.mean([s["mean_agreement"] for s in per.values()]))
+                                        for m, per in scores.items()})}
+        head = f"**Judges: {kind}**\n\n" if cfg.task == "qa" else ""
+        tables.append(head + answers_table(scores, cfg.task) + "\nJudges:\n\n" + judges_table(judges))
+    return {**sections[kinds[0]], "judge_features": kinds[0], "by_judge": sections}, "\n".join(tables)
+
+
 def judges_table(judges: dict) -> str:
     lines = ["| judge | label 1 | training texts | held-out texts | held-out accuracy |", "|---|---|---|---|---|"]
     for name, j in judges.items():
@@ -307,4 +334,5 @@ def judges_table(judges: dict) -> str:
 
 
 __all__ = ["EvalConfig", "eval_generator", "run_mcqa", "mcqa_table", "run_answers", "with_items", "score_answers",
+           "score_run",
            "answers_table", "quality_gap", "judges_table", "persona_weights", "ROLEPLAY"]
