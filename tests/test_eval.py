@@ -245,6 +245,20 @@ def test_eval_cli_runs_resumes_and_rejects_bad_input(tiny, tmp_path, capsys):
     assert "--judges: use one or more of lexical, minilm" in capsys.readouterr().err
 
 
+def test_eval_roleplay_cli_scores_with_the_pair_judges(tiny, tmp_path):
+    base, adapters = tiny
+    args = ["eval", "roleplay", "--model", base, f"--adapter=personality={adapters['E']}",
+            f"--adapter=profile={adapters['N']}", "--limit", "2", "--max-new-tokens", "4", "--judge-limit", "20",
+            "--methods", "prompt,merge,token,scr", "--workers", "2", "--out", str(tmp_path)]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "roleplay_summary.json").read_text())
+    assert set(summary["scores"]) == {"prompt", "merge", "token", "scr", "reference answers"}
+    assert set(summary["judges"]) == {"personality", "profile"} and summary["judge_features"] == "minilm"
+    s = summary["scores"]["token"]["personality+profile"]
+    assert s["n"] == 2 and 0 <= s["follows_personality"] <= 1 and 0 <= s["both"] <= s["follows_profile"] <= 1
+    assert "| token | 2 |" in (tmp_path / "roleplay.md").read_text()
+
+
 def test_eval_workers_give_the_same_answers_and_generate_only_skips_the_judges(tiny, tmp_path, capsys):
     """--workers runs generations concurrently (sharing forwards on the batched backend): the
     answers are the ones a sequential run gives, whatever order they finish in."""
