@@ -276,8 +276,9 @@ def answers_table(scores: dict, task: str) -> str:
         cols = [("follows_personality", "follows personality", True), ("follows_profile", "follows profile", True),
                 ("mean_agreement", "mean agreement", True), ("both", "both", True)]
     cols += [("similarity", "similarity to reference", False), ("perplexity", "perplexity", False),
-             ("distinct_1", "distinct-1", False), ("distinct_2", "distinct-2", False),
-             ("tokens_per_s", "tok/s", False)]
+             ("distinct_1", "distinct-1", False), ("distinct_2", "distinct-2", False)]
+    # tokens/s stays in the summary JSON but not in the table: with --workers (or other jobs on the
+    # machine) it measures sharing, not a method's speed; `personamix bench` does that
     lines = ["| method | n | " + " | ".join(c[1] for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for method, per in _ordered(scores):
         n = sum(s["n"] for s in per.values())
