@@ -116,6 +116,7 @@ def run_mcqa(gen: Generator, merges: Mapping[str, str], cfg: EvalConfig) -> dict
         res = ev.Results(cfg.out / "mcqa_gen.jsonl")
         todo = [(i, p, m) for i in items for p in cfg.personas for m in cfg.methods
                 if ("mcqa", p, m, i.id) not in res]
+
         def work(t):
             item, persona, method = t
             return ev.answer(gen, item.prompt(), method, persona_weights(persona), merges.get(persona),
@@ -192,6 +193,7 @@ def run_answers(gen: Generator, merges: Mapping[str, str], cfg: EvalConfig) -> e
     res = ev.Results(cfg.out / f"{cfg.task}.jsonl")
     todo = [(p, item, user, system, m) for p, item, user, system in _prompts(cfg) for m in cfg.methods
             if (cfg.task, p, m, item["id"]) not in res]
+
     def work(t):
         persona, item, user, system, method = t
         return ev.answer(gen, user, method, persona_weights(persona), merges.get(persona), system,
