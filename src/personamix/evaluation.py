@@ -204,6 +204,7 @@ def mcqa_probs(gen: Generator, items: Sequence[McqaItem], personas: Sequence[str
     a_ids, b_ids = letter_ids(tok, "A"), letter_ids(tok, "B")
     names = list(dict.fromkeys(list(adapters) + [merges[p] for p in personas if p in merges]))
     row = {n: i + 1 for i, n in enumerate(names)}
+
     def both_orders(item):
         out = [_item_probs(gen, item, swapped, personas, names, row, merges, descriptions, singles, a_ids, b_ids)
                for swapped in (False, True)]

@@ -6,7 +6,7 @@ held-out split as the adapters (data.split), so no judge trains on what it is sc
 Two feature sets: "minilm", the all-MiniLM-L6-v2 sentence embedding, and "lexical", TF-IDF of
 character 2-5-grams (inside words) and word 1-2-grams fitted on the training answers, with
 the regularisation picked by 5-fold cross-validation over training pairs (a pair's two answers
-stay in one fold). The lexical judges are the more accurate on held-out answers (E/I 0.86 vs
+stay in one fold). The lexical judges are the more accurate on held-out answers (E/I 0.85 vs
 0.75) and read the open questions' reference answers far better (docs/results.md), because
 the poles differ mostly in wording ("plan", "schedule" vs "spontaneous", "go with the flow"),
 which the sentence embedding, trained for topic similarity, largely averages away.
