@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the quick lane: everything but the tests on the real default model (marked slow)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
 
 bench: setup
 	$(PY) bench/engine_speed.py

@@ -23,17 +23,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from personamix.cli import _quiet  # noqa: E402
-from personamix.data import attribute_pairs, axis_of, split  # noqa: E402
-from personamix.models import SHIPPED_DIR, SHIPPED_SETS  # noqa: E402
-from personamix.train import LOG_FILE, read_meta  # noqa: E402
+from personamix.adapters import SHIPPED_DIR, SHIPPED_SETS
+from personamix.cli.common import quiet
+from personamix.mbti import axis_key
+from personamix.training.data import attribute_pairs, split
+from personamix.training.train import LOG_FILE, read_meta
 
 
 def table(rows: list[dict]) -> str:
     head = ("| adapter | data (pairs: total / trained on / held out) | steps | wall time | "
             "held-out reward accuracy | held-out mean margin | size |\n|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {r['set']}/{r['attribute']} | {r['source']}: {r['pairs_total']} / {r['pairs_train']} / {r['pairs_held_out']} "
+        f"| {r['set']}/{r['attribute']} | {r['source']}: "
+        f"{r['pairs_total']} / {r['pairs_train']} / {r['pairs_held_out']} "
         f"| {r['steps']} | {r['wall_time_s'] / 60:.1f} min | {r['held_out']['reward_accuracy']:.3f} "
         f"| {r['held_out']['reward_margin']:.3f} | {r['size_mb']:.2f} MB |\n" for r in rows)
 
@@ -48,7 +50,7 @@ def collect() -> list[dict]:
                 print(f"missing: {path}", file=sys.stderr)
                 continue
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
-            source = f"MBTI_dpo_{axis_of(attribute)}" if set_name == "mbti" else f"dpo_{attribute}"
+            source = f"MBTI_dpo_{axis_key(attribute)}" if set_name == "mbti" else f"dpo_{attribute}"
             rows.append({**meta, "set": set_name, "size_mb": size, "source": source,
                          "log": json.loads((path / LOG_FILE).read_text())})
     return rows
@@ -129,7 +131,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(SHIPPED_DIR), help="where the adapters are (default: the shipped ones)")
     ap.add_argument("--no-table", action="store_true", help="only run the sanity check")
     a = ap.parse_args()
-    _quiet()
+    quiet()
     docs = Path(a.docs)
     if not a.no_table:
         rows = collect()

@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import StaticCache
 
-from personamix.cli import _quiet
-from personamix.models import DEFAULT_MODEL, load_reference
+from personamix.cli.common import quiet
+from personamix.loading import DEFAULT_MODEL, load_reference
 
 CTX = 100
 
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    _quiet()
+    quiet()
     model, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"), None)
     compiled = torch.compile(model.forward)
     lines = ["| rows | eager ms/step | compiled ms/step | compiled / eager | first two compiled steps (compile) |",

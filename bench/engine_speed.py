@@ -23,11 +23,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from personamix import Generator
-from personamix.cli import _quiet
-from personamix.benchmark import hf_generate
-from personamix.models import random_adapters
-from personamix.models import DEFAULT_MODEL, load_reference
-from personamix.onednn import pack_linears
+from personamix.backends.onednn import pack_linears
+from personamix.cli.common import quiet
+from personamix.evaluation.bench import hf_generate
+from personamix.loading import DEFAULT_MODEL, load_reference, random_adapters
+
 
 def label(method: str, backend: str | None) -> str:
     return method if backend is None else f"{method} [{backend}]"
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--out", default=None, help="also write a Markdown table here")
     a = ap.parse_args()
-    _quiet()
+    quiet()
     torch.manual_seed(0)
     rows = []
     plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))

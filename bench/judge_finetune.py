@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from personamix.data import attribute_pairs, split
-from personamix.judges import default_embedder_path
+from personamix.evaluation.judges import default_embedder_path
+from personamix.training.data import attribute_pairs, split
 
 
 def main() -> None:
@@ -48,7 +48,8 @@ def main() -> None:
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=a.lr, weight_decay=0.01)
     bs = 16
     steps = a.epochs * -(-len(xt) // bs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps))
     start = time.time()
     for epoch in range(a.epochs):
         enc.train()

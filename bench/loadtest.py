@@ -92,11 +92,12 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
     ok = [r for r in results if "error" not in r]
     lat = sorted(r["latency"] for r in ok) or [float("nan")]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
-    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]
     return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
             "dropped": sum(r["dropped"] for r in ok), "p50_s": statistics.median(lat), "p95_s": pct(lat, 0.95),
             "ttft_p50_s": statistics.median(ttft), "tokens": sum(r["tokens"] for r in ok),
-            "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before, "rss_after_mb": idle_rss_mb(url, pid),
+            "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before,
+            "rss_after_mb": idle_rss_mb(url, pid),
             "batch": calls / forwards if forwards else None,
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
@@ -144,14 +145,16 @@ def main() -> None:
     head = ("| clients | requests | errors | dropped | p50 latency | p95 latency | TTFT p50 | aggregate tok/s | "
             "x 1 client | steps per forward | RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [
-        f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s | {r['p95_s']:.1f} s "
+        f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s "
+        f"| {r['p95_s']:.1f} s "
         f"| {r['ttft_p50_s']:.2f} s | {r['agg_tok_s']:.1f} | {r['agg_tok_s'] / single:.2f} "
         f"| {'-' if r['batch'] is None else format(r['batch'], '.1f')} "
         f"| {r['rss_before_mb'] or 0:.0f} -> {r['rss_after_mb'] or 0:.0f} MB |" for r in rows]
     last = [r for r in rows if r["clients"] == rows[-1]["clients"]]
     if len(last) > 1 and last[0]["rss_after_mb"]:
         growth = last[-1]["rss_after_mb"] / last[0]["rss_after_mb"] - 1
-        lines.append(f"\nMemory after warm-up: {last[0]['rss_after_mb']:.0f} MB after the first {last[0]['clients']}-client "
+        lines.append(f"\nMemory after warm-up: {last[0]['rss_after_mb']:.0f} MB after the first "
+                     f"{last[0]['clients']}-client "
                      f"level, {last[-1]['rss_after_mb']:.0f} MB after the last ({growth:+.1%}; "
                      f"{sum(r['requests'] for r in last[1:])} more requests).")
     info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "

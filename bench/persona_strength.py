@@ -33,11 +33,13 @@ import numpy as np
 import torch
 
 from personamix import Generator
-from personamix import evaluation as ev
-from personamix.backend import Session
-from personamix.data import OPPOSITE, attribute_pairs, split
-from personamix.models import shipped_adapters
-from personamix.targets import Target, parse_persona, token_target
+from personamix.adapters import shipped_adapters
+from personamix.engine.session import Session
+from personamix.engine.targets import Target, token_target
+from personamix.evaluation import methods as em
+from personamix.evaluation import tasks
+from personamix.mbti import OPPOSITE, parse_persona, pole_of
+from personamix.training.data import attribute_pairs, split
 
 NAMES = tuple("EISNTFJP")               # backend rows 1..8
 
@@ -90,7 +92,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.time()
     gen = Generator.from_pretrained("smollm2-135m-instruct", adapters=shipped_adapters("mbti"))
-    personas = ev.PAPER_TYPES
+    personas = tasks.PAPER_TYPES
     per = {p: settings(p) for p in personas}
     names = list(per[personas[0]])
 
@@ -109,16 +111,16 @@ def main() -> None:
         print(f"validation pole {pole}: {time.time() - t0:.0f} s", flush=True)
 
     # 2. test: questionnaire agreement from P(A), both option orders
-    items = ev.load_mcqa()[:a.items]
+    items = tasks.load_mcqa()[:a.items]
     tok = gen.tokenizer
-    a_ids, b_ids = ev.letter_ids(tok, "A"), ev.letter_ids(tok, "B")
+    a_ids, b_ids = em.letter_ids(tok, "A"), em.letter_ids(tok, "B")
     test = {p: {n: {} for n in names} for p in personas}
     for item in items:
         lp = [all_logp(gen, gen.encode([{"role": "user", "content": item.prompt(s)}]), 1)[:, 0] for s in (False, True)]
         for p in personas:
-            goal = next(x for x in p if ev.AXIS_OF[x] == item.axis)
+            goal = pole_of(p, item.axis)
             for n, t in per[p].items():
-                pa = [ev.choice_prob(token_target(x, t)[0], a_ids, b_ids) for x in lp]
+                pa = [em.choice_prob(token_target(x, t)[0], a_ids, b_ids) for x in lp]
                 p_a = 0.5 * (pa[0] + 1.0 - pa[1])
                 p_goal = p_a if item.poles["A"] == goal else 1.0 - p_a
                 test[p][n].setdefault(item.axis, []).append(p_goal)

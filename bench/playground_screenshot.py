@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadtest import start_server  # noqa: E402
+from loadtest import start_server
 
 
 def main() -> None:

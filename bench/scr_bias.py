@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import save_lora, save_tiny  # noqa: E402  (the tests' tiny-model builders)
-from test_exactness import WEIGHTS, empirical, sequence_distribution, tv, tv_bound  # noqa: E402
+from personamix import Generator
+from personamix.cli.common import quiet
+from personamix.testing import empirical, save_lora, save_tiny, sequence_distribution, tv, tv_bound
 
-from personamix import Generator  # noqa: E402
-from personamix.cli import _quiet  # noqa: E402
+WEIGHTS = {"linear": {"E": 1.0, "N": -0.5, "T": 0.3}, "geometric": {"E": 0.7, "N": 0.5, "T": -0.4}}   # as in the tests
 
 SETTINGS = [
     ("token (exact)", dict(method="token")),
@@ -42,7 +39,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2500)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    _quiet()
+    quiet()
     root = Path(tempfile.mkdtemp())
     base = save_tiny(root / "base", vocab=3, seed=3)   # the same model as tests' tiny3_gen
     adapters = {name: save_lora(base, root / name, seed=10 + i, scale=0.7) for i, name in enumerate("ENT")}

@@ -20,11 +20,10 @@ import torch
 from transformers import DynamicCache
 
 from personamix import Generator
-from personamix.backend import Session
-from personamix.cli import _quiet
-from personamix.models import random_adapters
-from personamix.models import DEFAULT_MODEL, load_reference
-from personamix.onednn import pack_linears
+from personamix.backends.onednn import pack_linears
+from personamix.cli.common import quiet
+from personamix.engine.session import Session
+from personamix.loading import DEFAULT_MODEL, load_reference, random_adapters
 
 CTX = list(range(1000, 1100))
 
@@ -33,7 +32,7 @@ def plain_step(model, rows: int, steps: int) -> list[float]:
     cache, out = DynamicCache(), []
     with torch.inference_mode():
         model(input_ids=torch.tensor([CTX] * rows), cache=cache, use_cache=True, logits_to_keep=1)
-        for i in range(steps):
+        for _ in range(steps):
             t = time.perf_counter()
             model(input_ids=torch.tensor([[5]] * rows), cache=cache, use_cache=True, logits_to_keep=1)
             out.append(time.perf_counter() - t)
@@ -70,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     a = ap.parse_args()
-    _quiet()
+    quiet()
     plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
     packed, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
     if not pack_linears(packed):

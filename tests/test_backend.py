@@ -6,9 +6,8 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from personamix import Generator, PersonamixError
-from personamix.backend import Session
-
-from conftest import save_lora, save_tiny
+from personamix.engine.session import Session
+from personamix.testing import save_lora, save_tiny
 
 SEQ = [0, 3, 1, 4, 2, 2, 0]
 
@@ -22,7 +21,7 @@ def test_batched_adapters_equal_separate_forwards(tiny_dir, backend):
     ref = LlamaForCausalLM.from_pretrained(base).eval()
     with torch.no_grad():
         rows = [ref(torch.tensor([SEQ])).logits[0]]
-        for name, path in adapters.items():
+        for path in adapters.values():
             single = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), path).eval()
             rows.append(single(torch.tensor([SEQ])).logits[0])
     assert torch.allclose(batched, torch.stack(rows), atol=1e-5)
@@ -119,7 +118,7 @@ def test_rolling_back_into_a_draft_reuses_its_logits(tiny_gen):
 def test_preallocated_layer_matches_dynamic_layer_through_growth_and_rollback():
     from transformers.cache_utils import DynamicLayer
 
-    from personamix.backend import PreallocatedLayer
+    from personamix.backends.cache import PreallocatedLayer
 
     torch.manual_seed(0)
     fast, ref = PreallocatedLayer(capacity=4), DynamicLayer()

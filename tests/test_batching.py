@@ -8,10 +8,10 @@ import torch
 from transformers import CohereConfig, CohereForCausalLM, MistralConfig, MistralForCausalLM
 
 from personamix import Generator, PersonamixError
-from personamix.backend import PreallocatedCache, Session
-from personamix.batching import ATTENTION, BatchingLoraBackend, BatchingUnsupported, _Call, check_batchable
-
-from conftest import save_lora, save_tiny
+from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, check_batchable
+from personamix.backends.cache import PreallocatedCache
+from personamix.engine.session import Session
+from personamix.testing import save_lora, save_tiny
 
 SEQ = [0, 3, 1, 4, 2, 2, 0, 1, 3]
 
@@ -28,7 +28,7 @@ def pair(tmp_path_factory):
 
 
 def test_auto_picks_batching_for_lora_adapters(tiny_gen):
-    assert isinstance(tiny_gen.backend, BatchingLoraBackend)
+    assert isinstance(tiny_gen.backend, BatchingBackend)
 
 
 def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair):
@@ -39,25 +39,22 @@ def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair):
     b = batched.backend
     plans = [("all", ("E", "N", "T"), 3, 1), ("ref", (), 5, 1), ("prefs", ("T", "E"), 2, 4),
              ("all", ("N",), 6, 3), ("prefs", ("E", "N", "T"), 4, 2), ("ref", (), 1, 4)]
-    sessions, calls = [], []
+    calls, plain = [], []
     for group, names, prefix, new in plans:
-        alone = Session(fast.backend, names or None)
-        mine = Session(b, names or None)
-        mine.logits(group, SEQ[:prefix])               # cache the prefix (a call of its own)
-        cache = mine._caches[group]
-        rows = ([-1] if group != "prefs" else []) + [b._index[n] for n in names if group != "ref"]
-        calls.append(_Call(torch.tensor(SEQ[prefix: prefix + new]), cache, new, rows))
-        sessions.append((group, prefix + new, alone, mine))
+        cache = b.new_cache(group, names)
+        b.forward(group, torch.tensor(SEQ[:prefix]), cache, 1, names)     # cache the prefix (a call of its own)
+        calls.append(b.call(group, torch.tensor(SEQ[prefix: prefix + new]), cache, new, names))
+        plain.append((group, names, prefix + new, Session(fast.backend, names or None)))
     forwards = b.forwards
-    b._run(calls)
+    b.run(calls)
     assert b.forwards == forwards + 1
-    for call, (group, end, alone, mine) in zip(calls, sessions):
+    for call, (group, names, end, alone) in zip(calls, plain):
         assert call.error is None
         want = alone.logits(group, SEQ[:end], call.n_logits)
         assert call.logits.shape == want.shape
         assert torch.allclose(call.logits, want, atol=1e-5)
-        mine._tokens[group] = SEQ[:end]                # tell the session what its cache now holds
-        assert torch.allclose(mine.logits(group, SEQ[:end] + [2]), alone.logits(group, SEQ[:end] + [2]), atol=1e-5)
+        after, _ = b.forward(group, torch.tensor([2]), call.cache, 1, names)    # the cache holds SEQ[:end]
+        assert torch.allclose(after, alone.logits(group, SEQ[:end] + [2]), atol=1e-5)
 
 
 def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
@@ -74,17 +71,13 @@ def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
 
     forwards, calls = b.forwards, b.calls
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    with b._turn:                        # the model looks busy until every thread's first call waits: they share it
-        b._running = True
-    for t in threads:
-        t.start()
-    deadline = time.time() + 30
-    while len(b._queue) < len(jobs):
-        assert time.time() < deadline, "threads did not queue their calls"
-        time.sleep(0.01)
-    with b._turn:
-        b._running = False
-        b._turn.notify_all()
+    with b.paused():                     # no forward starts until every thread's first call waits: they share it
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while b.waiting < len(jobs):
+            assert time.time() < deadline, "threads did not queue their calls"
+            time.sleep(0.01)
     for t in threads:
         t.join(timeout=120)
     assert [out[i] for i in range(len(jobs))] == alone
@@ -94,9 +87,9 @@ def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
 def test_an_error_reaches_every_call_of_the_batch_and_the_backend_goes_on(pair):
     batched, _ = pair
     b = batched.backend
-    good = _Call(torch.tensor([1, 2]), PreallocatedCache(), 1, [-1])
-    bad = _Call(torch.tensor([1, 99]), PreallocatedCache(), 1, [-1])        # token id beyond the vocabulary
-    b._run([good, bad])
+    good = Call(torch.tensor([1, 2]), PreallocatedCache(), 1, [-1])
+    bad = Call(torch.tensor([1, 99]), PreallocatedCache(), 1, [-1])        # token id beyond the vocabulary
+    b.run([good, bad])
     assert good.error is not None and bad.error is not None and good.logits is None
     assert Session(b).logits("all", SEQ).shape == (4, 1, 5)                   # the next call works
 
@@ -145,8 +138,8 @@ def test_scr_scoring_forward_carries_the_next_draft_step(pair):
 def test_auto_falls_back_to_the_fast_backend_when_the_model_cannot_batch(tiny_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from personamix.fastlora import FastLoraBackend
-    from personamix.models import build_backend
+    from personamix.backends import build_backend
+    from personamix.backends.multilora import MultiLoraBackend
 
     base, adapters = tiny_dir
 
@@ -157,7 +150,7 @@ def test_auto_falls_back_to_the_fast_backend_when_the_model_cannot_batch(tiny_di
 
     tok = AutoTokenizer.from_pretrained(base)
     backend = build_backend(windowed(), tok, adapters, "auto")
-    assert type(backend) is FastLoraBackend
+    assert type(backend) is MultiLoraBackend
     assert Session(backend).logits("all", SEQ).shape == (4, 1, 5)
     with pytest.raises(BatchingUnsupported, match="sliding_window"):
         build_backend(windowed(), tok, adapters, "batched")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from personamix.cli import _parse_weights, main
+from personamix.cli import main
+from personamix.cli.common import parse_weights
 
 
 def test_generate_streams_text_and_stats(tiny_dir, capsys):
@@ -31,8 +32,8 @@ def test_errors_are_one_clear_line(tiny_dir, capsys, extra, msg):
 
 
 def test_weights_parser():
-    assert _parse_weights("E=0.7, N=-0.3") == {"E": 0.7, "N": -0.3}
-    assert _parse_weights(None) is None
+    assert parse_weights("E=0.7, N=-0.3") == {"E": 0.7, "N": -0.3}
+    assert parse_weights(None) is None
 
 
 def test_json_output_is_reproducible(tiny_dir, capsys):

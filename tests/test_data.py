@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 
 from personamix import PersonamixError
-from personamix.data import (AXES, OPPOSITE, attribute_pairs, axis_of, bare_instruction, data_source,
-                             default_data_dir, load_records, mbti_pairs, parse_pole, split)
+from personamix.mbti import OPPOSITE, axis_key
+from personamix.training.data import (
+    AXES,
+    attribute_pairs,
+    bare_instruction,
+    data_source,
+    default_data_dir,
+    load_records,
+    mbti_pairs,
+    parse_pole,
+    split,
+)
 
 DATA = default_data_dir()
 needs_data = pytest.mark.skipif(DATA is None, reason="the paper's data (../shared/data/mpg) is not beside the checkout")
@@ -30,7 +40,7 @@ def test_pole_counts_match_the_readme():
 @needs_data
 @pytest.mark.parametrize("pole", sorted(OPPOSITE))
 def test_pole_pairs_are_own_plus_swapped_opposite(pole):
-    records = load_records(data_source(axis_of(pole)))
+    records = load_records(data_source(axis_key(pole)))
     pairs = mbti_pairs(pole, records)
     assert len(pairs) == README_COUNTS[pole] + README_COUNTS[OPPOSITE[pole]]
     for r, p in zip(records, pairs):
@@ -96,7 +106,7 @@ def test_missing_file_and_bad_json_are_errors(tmp_path):
     with pytest.raises(PersonamixError, match="does not exist"):
         data_source("e_i", tmp_path / "missing")
     with pytest.raises(PersonamixError, match="unknown MBTI pole"):
-        axis_of("X")
+        axis_key("X")
     with pytest.raises(PersonamixError, match="unknown attribute"):
         attribute_pairs("extraversion")
 

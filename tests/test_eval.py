@@ -8,14 +8,16 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import CHAT_WORDS, save_chat_tiny, save_lora
 from safetensors.torch import load_file
 
-from personamix import evaluation as ev
 from personamix.cli import main
-from personamix.data import default_data_dir
 from personamix.errors import PersonamixError
-from personamix.eval_run import eval_generator, persona_weights, quality_gap
+from personamix.evaluation import methods as em
+from personamix.evaluation import metrics, runner, tasks
+from personamix.evaluation.methods import eval_generator, persona_weights
+from personamix.evaluation.runner import quality_gap
+from personamix.testing import CHAT_WORDS, save_chat_tiny, save_lora
+from personamix.training.data import default_data_dir
 
 pytestmark = pytest.mark.skipif(default_data_dir() is None, reason="the paper's data (../shared/data/mpg) is absent")
 
@@ -34,7 +36,7 @@ def tiny(tmp_path_factory):
 # -- the questionnaire -------------------------------------------------------------------------
 
 def test_every_questionnaire_item_parses_and_item_75_is_fixed():
-    items = ev.load_mcqa()
+    items = tasks.load_mcqa()
     assert len(items) == 93
     assert Counter(i.axis for i in items) == {"SN": 26, "TF": 23, "JP": 23, "EI": 21}
     for item in items:
@@ -52,18 +54,18 @@ def test_a_mislabelled_item_is_an_error(tmp_path):
     (tmp_path / "dataset_mbti" / "test" / "mbti_mcqa.json").write_text(
         json.dumps({"1": {"question": "Q?\\nA.x\\nB.y", "A": "E", "B": "N"}}))
     with pytest.raises(PersonamixError, match="item 1.*not two poles of one axis"):
-        ev.load_mcqa(tmp_path)
+        tasks.load_mcqa(tmp_path)
     (tmp_path / "dataset_mbti" / "test" / "mbti_mcqa.json").write_text(
         json.dumps({"2": {"question": "no options here", "A": "E", "B": "I"}}))
     with pytest.raises(PersonamixError, match="item 2: cannot find options"):
-        ev.load_mcqa(tmp_path)
+        tasks.load_mcqa(tmp_path)
 
 
 @pytest.mark.parametrize("text,want", [("A", "A"), (" B. Strict but organized", "B"), ("(A) plan", "A"),
                                        ("The answer is B.", "B"), ("I would choose option A", "A"),
                                        ("Both sound nice", None), ("Absolutely", None)])
 def test_parse_choice(text, want):
-    assert ev.parse_choice(text) == want
+    assert tasks.parse_choice(text) == want
 
 
 def test_mcqa_summary_counts_agreement_and_whole_type():
@@ -72,27 +74,31 @@ def test_mcqa_summary_counts_agreement_and_whole_type():
                                     ("SN", "S", "N", 0.3), ("TF", "T", "T", 0.6), ("JP", "P", "J", 0.4)):
         rows.append({"method": "m", "persona": "ENTJ", "axis": axis, "pole_a": pole_a, "target_pole": target,
                      "p_a": p})
-    s = ev.mcqa_summary(rows)["m"]
+    s = metrics.mcqa_summary(rows)["m"]
     assert s["axis_agreement"]["EI"] == pytest.approx(2 / 3)         # 0.9 yes, 0.2 no, 1-0.1 yes
     assert s["axis_soft"]["EI"] == pytest.approx((0.9 + 0.2 + 0.9) / 3)
     assert s["axis_agreement"]["SN"] == 1.0 and s["axis_agreement"]["JP"] == 1.0
     assert s["type_accuracy"] == 1.0                                  # every axis's majority is the target
-    tie = ev.mcqa_summary([{**rows[0], "p_a": 0.5}, {**rows[1], "p_a": 1.0}])["m"]   # unparsed = one half
+    tie = metrics.mcqa_summary([{**rows[0], "p_a": 0.5}, {**rows[1], "p_a": 1.0}])["m"]   # unparsed = one half
     assert tie["axis_agreement"]["EI"] == pytest.approx(0.75) and tie["axis_soft"]["EI"] == pytest.approx(0.75)
 
 
 def test_mcqa_probs_on_a_tiny_model_cover_every_baseline(tiny):
     base, adapters = tiny
     gen, merges = eval_generator(base, adapters, ["ENTJ"], ["merge"], device="cpu")
-    items = ev.load_mcqa()[:2]
-    rows = ev.mcqa_probs(gen, items, ["ENTJ"], list(adapters), merges, ev.pole_descriptions())
-    methods = {r["method"] for r in rows}
-    assert methods == {"base", "prompt", "merge", "geometric", "mpg", "single-E", "single-N", "single-T", "single-J"}
+    items = tasks.load_mcqa()[:2]
+    rows = em.mcqa_probs(gen, items, ["ENTJ"], list(adapters), merges, tasks.pole_descriptions())
+    assert {r["method"] for r in rows} == {"base", "prompt", "merge", "geometric", "mpg", "single-E", "single-N",
+                                           "single-T", "single-J"}
+    only = em.mcqa_probs(gen, items, ["ENTJ"], list(adapters), merges, tasks.pole_descriptions(),
+                         methods=("prompt", "single-N", "scr"))          # --methods reaches the read-out
+    assert {r["method"] for r in only} == {"prompt", "single-N", "mpg"}
+    assert {r["p_a"] for r in only if r["method"] == "mpg"} == {r["p_a"] for r in rows if r["method"] == "mpg"}
     assert all(0 < r["p_a"] < 1 and 0 < r["p_a_as_shown"] < 1 for r in rows)
     # the MPG (linear) read-out is the mixture of the persona's adapters: check it by hand
     item = items[0]
-    a, b = ev.letter_ids(gen.tokenizer, "A"), ev.letter_ids(gen.tokenizer, "B")
-    lp = ev.next_token_logprobs(gen, gen.encode([{"role": "user", "content": item.prompt()}]), list("ENTJ"))
+    a, b = em.letter_ids(gen.tokenizer, "A"), em.letter_ids(gen.tokenizer, "B")
+    lp = em.next_token_logprobs(gen, gen.encode([{"role": "user", "content": item.prompt()}]), list("ENTJ"))
     mix = torch.logsumexp(lp[1:] + torch.log(torch.tensor(0.25)), 0)
     want = float(torch.exp(mix[a]).sum() / (torch.exp(mix[a]).sum() + torch.exp(mix[b]).sum()))
     got = next(r for r in rows if r["method"] == "mpg" and r["item"] == item.id)["p_a_as_shown"]
@@ -110,7 +116,7 @@ def _delta(path, module):
 
 
 def test_merged_adapter_is_the_weighted_sum_of_deltas(tiny, tmp_path):
-    from personamix.merge import _publish, merged_adapter
+    from personamix.training.merge import _publish, merged_adapter
 
     base, adapters = tiny
     weights = {"E": 0.5, "N": 0.3, "T": -0.2}
@@ -140,38 +146,38 @@ def test_merged_adapter_is_the_weighted_sum_of_deltas(tiny, tmp_path):
 
 def test_every_method_answers_on_a_tiny_model(tiny):
     base, adapters = tiny
-    methods = ev.BASELINES + ev.MPG_METHODS + ("single-E",)
+    methods = em.BASELINES + em.MPG_METHODS + ("single-E",)
     gen, merges = eval_generator(base, adapters, ["ENTJ"], methods, device="cpu")
-    system = ev.persona_system_prompt("ENTJ", ev.pole_descriptions())
+    system = tasks.persona_system_prompt("ENTJ", tasks.pole_descriptions())
     for method in methods:
-        a = ev.answer(gen, "what do you like", method, persona_weights("ENTJ"), merges.get("ENTJ"), system,
+        a = em.answer(gen, "what do you like", method, persona_weights("ENTJ"), merges.get("ENTJ"), system,
                       max_new_tokens=6, seed=0, ignore_eos=True)
         assert a["tokens"] == 6 and a["answer"], method
         assert np.isfinite(a["perplexity"]) and a["perplexity"] > 1
-        assert a["stats"]["method"] == ev.method_plan(method, persona_weights("ENTJ"), "merge-ENTJ")["method"]
+        assert a["stats"]["method"] == em.method_plan(method, persona_weights("ENTJ"), "merge-ENTJ")["method"]
     with pytest.raises(PersonamixError, match="unknown evaluation method"):
-        ev.method_plan("beam", {}, None)
+        em.method_plan("beam", {}, None)
 
 
 def test_results_file_resumes_after_a_cut_last_line(tmp_path):
     path = tmp_path / "r.jsonl"
-    ev.Results(path).add({"task": "qa", "persona": "ENTJ", "method": "scr", "id": "0"})
+    runner.Results(path).add({"task": "qa", "persona": "ENTJ", "method": "scr", "id": "0"})
     path.write_text(path.read_text() + '{"task": "qa", "pers')          # killed mid-write
-    res = ev.Results(path)
+    res = runner.Results(path)
     assert ("qa", "ENTJ", "scr", "0") in res and len(res.rows) == 1
     res.add({"task": "qa", "persona": "ENTJ", "method": "scr", "id": "1"})
-    assert len(ev.Results(path).rows) == 2                              # the cut line is gone, not glued on
+    assert len(runner.Results(path).rows) == 2                              # the cut line is gone, not glued on
     path.write_text('{"broken"\n' + path.read_text())
     with pytest.raises(PersonamixError, match="line 1 is not JSON"):
-        ev.Results(path)
+        runner.Results(path)
 
 
 def test_metrics():
-    assert ev.distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
-    assert ev.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
-    assert ev.distinct_n([""], 2) == 0.0
+    assert metrics.distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
+    assert metrics.distinct_n(["a b c", "a b d"], 2) == pytest.approx(3 / 4)
+    assert metrics.distinct_n([""], 2) == 0.0
     v = np.array([[1.0, 0.0], [1.0, 1.0]])
-    assert ev.cosine(v, np.array([[2.0, 0.0], [-1.0, -1.0]])) == pytest.approx([1.0, -1.0])
+    assert metrics.cosine(v, np.array([[2.0, 0.0], [-1.0, -1.0]])) == pytest.approx([1.0, -1.0])
     gap = quality_gap({"prompt": 0.5, "merge": 0.6, "scr": 0.7, "token": 0.66, "base": 0.9})
     assert gap["best_mpg"] == "scr" and gap["best_baseline"] == "merge"
     assert gap["relative_gain"] == pytest.approx(0.1 / 0.6)
@@ -181,13 +187,13 @@ def test_metrics():
 
 @pytest.fixture(scope="module")
 def embed():
-    from personamix.judges import Embedder
+    from personamix.evaluation.judges import Embedder
     return Embedder()
 
 
 @pytest.mark.parametrize("features", ["minilm", "lexical"])
 def test_mbti_judge_trains_on_a_slice_and_beats_chance_on_held_out_answers(embed, features):
-    from personamix.judges import judge_mbti, train_mbti_judges
+    from personamix.evaluation.judges import judge_mbti, train_mbti_judges
 
     judges = train_mbti_judges(embed, limit=60, axes=("e_i",), features=features)
     j = judges["e_i"]
@@ -201,7 +207,7 @@ def test_mbti_judge_trains_on_a_slice_and_beats_chance_on_held_out_answers(embed
 
 
 def test_roleplay_judge_reads_the_trait_from_the_prompt(embed):
-    from personamix.judges import train_roleplay_judges, trait_text
+    from personamix.evaluation.judges import train_roleplay_judges, trait_text
 
     prompt = "Your task...\nProfile: She is a vet.\n\nPersonalities: She is shy.\nPlease ignore..."
     assert trait_text(prompt, "profile") == "She is a vet." and trait_text(prompt, "personality") == "She is shy."
@@ -274,7 +280,8 @@ def test_eval_workers_give_the_same_answers_and_generate_only_skips_the_judges(t
     assert len(rows[1]) == 10 and rows[4] == rows[1]
     for workers in (1, 3):
         assert main(["eval", "mcqa", *common[:-2], "--limit", "3", "--workers", str(workers),
-                     "--readout", "prob,gen", "--methods", "base,prompt,scr", "--out", str(tmp_path / f"m{workers}")]) == 0
+                     "--readout", "prob,gen", "--methods", "base,prompt,scr",
+                     "--out", str(tmp_path / f"m{workers}")]) == 0
     for name in ("mcqa_prob.jsonl", "mcqa_gen.jsonl"):
         one, three = [sorted(map(json.loads, (tmp_path / d / name).read_text().splitlines()),
                              key=lambda r: (r.get("item", r.get("id")), r["method"], r["persona"]))

@@ -10,48 +10,11 @@ reference, so sampling pi_ref by mistake would fail.
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections import Counter
-
 import pytest
 
-from personamix.backend import Session
-from personamix.targets import Target, log_probs, token_target
+from personamix.testing import empirical, sequence_distribution, tv, tv_bound
 
-PROMPT = [0, 1, 2, 1]
 WEIGHTS = {"linear": {"E": 1.0, "N": -0.5, "T": 0.3}, "geometric": {"E": 0.7, "N": 0.5, "T": -0.4}}
-DELTA = 1e-4
-
-
-def sequence_distribution(gen, weights, aggregation, length, reference=False):
-    """Exact P(x_1..x_length) under the token-level target p* (or pi_ref), by enumeration."""
-    target = Target(names=tuple(weights), weights=tuple(weights.values()), aggregation=aggregation)
-    session = Session(gen.backend, target.names)
-    vocab = gen.backend.vocab_size
-    out = {}
-    for seq in itertools.product(range(vocab), repeat=length):
-        logp_total = 0.0
-        for j in range(length):
-            logp = log_probs(session.logits("all", PROMPT + list(seq[:j]))[:, -1], target)
-            step = logp[0] if reference else token_target(logp, target)[0]
-            logp_total += float(step[seq[j]])
-        out[seq] = math.exp(logp_total)
-    return out
-
-
-def empirical(gen, n, length, **kw):
-    counts = Counter(tuple(gen.generate(PROMPT, max_new_tokens=length, seed=i, ignore_eos=True, **kw).token_ids)
-                     for i in range(n))
-    return {x: c / n for x, c in counts.items()}
-
-
-def tv(p, q):
-    return 0.5 * sum(abs(p.get(x, 0.0) - q.get(x, 0.0)) for x in set(p) | set(q))
-
-
-def tv_bound(p, n, delta=DELTA):
-    return 0.5 * sum(math.sqrt(v * (1 - v) / n) for v in p.values()) + math.sqrt(math.log(1 / delta) / (2 * n))
 
 
 EXACT_CASES = [
@@ -107,7 +70,7 @@ def test_draw_follows_the_probabilities_and_skips_zero_mass():
     import torch
 
     from personamix import PersonamixError
-    from personamix.samplers.common import draw
+    from personamix.engine.samplers.common import draw
 
     p = torch.tensor([0.0, 2.0, 0.0, 1.0, 5.0, 0.0, 2.0])     # unnormalised, zeros at both ends and inside
     n = 40_000

@@ -2,7 +2,9 @@
 
 import pytest
 
-from personamix import Generator, PersonamixError
+from personamix import Generator, PersonamixError, SamplingParams
+from personamix.engine.session import Backend, Session
+from personamix.engine.targets import Target, log_probs, token_target
 
 PROMPT = [0, 1, 2]
 METHODS = ["base", "token", "token-rs", "scr", "spec"]
@@ -64,7 +66,8 @@ def test_spec_accepts_everything_when_target_is_reference(tiny_dir):
 
     base, _ = tiny_dir
     out = tempfile.mkdtemp()
-    get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(out)
+    zero = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    zero.save_pretrained(out)
     gen = Generator.from_pretrained(str(base), adapters={"E": out}, device="cpu")
     r = gen.generate(PROMPT, method="spec", persona="E", max_new_tokens=30, seed=0, ignore_eos=True)
     assert r.stats.accepted == r.stats.proposals
@@ -98,8 +101,6 @@ def test_negative_weights_count_clamps(tiny_gen):
 
 
 def test_top_k_restricts_every_method(tiny_gen):
-    from personamix.backend import Session
-
     for method in METHODS:
         r = tiny_gen.generate(PROMPT, method=method, max_new_tokens=8, seed=2, top_k=1, ignore_eos=True,
                               **kw_for(method))
@@ -135,7 +136,11 @@ def test_text_prompt_without_chat_template(tiny_gen):
     ({"warmup": -1}, "warmup"),
     ({"bound": "loose"}, "bound"),
     ({"max_retries": 0}, "max_retries"),
-    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": 0.0, "method": "scr"}, "greedy decoding.*not defined for method 'scr'"),
+    ({"top_k": True}, "top_k"),
+    ({"beam_width": 4}, "unknown setting"),
     ({"top_p": 2.0}, "top_p"),
     ({"seed": -3}, "seed"),
     ({"method": "base", "persona": "E"}, "no persona"),
@@ -177,20 +182,9 @@ def test_no_adapters_means_base_only(tiny_dir):
 
 def test_unused_adapters_are_not_scored(tiny_gen):
     """persona="E" with three adapters loaded: only the E row is in the forwards."""
-    calls = []
-    backend = tiny_gen.backend
-    original = backend.forward
-
-    def spy(group, tokens, cache, n_logits, names):
-        calls.append(tuple(names))
-        return original(group, tokens, cache, n_logits, names)
-
-    backend.forward = spy
-    try:
-        tiny_gen.generate(PROMPT, method="token", persona="E", max_new_tokens=3, seed=0)
-    finally:
-        del backend.forward
-    assert calls and all(c == ("E",) for c in calls)
+    spy = Recording(tiny_gen.backend)
+    Generator(spy, tiny_gen.tokenizer).generate(PROMPT, method="token", persona="E", max_new_tokens=3, seed=0)
+    assert spy.fed and all(names == ("E",) for _, _, names in spy.fed)
 
 
 def test_closing_a_stream_early_stops_the_sampler(tiny_gen):
@@ -217,23 +211,78 @@ def test_concurrent_generations_are_independent(tiny_gen):
 @pytest.mark.parametrize("method", METHODS)
 def test_prefix_is_never_recomputed(tiny_gen, method):
     """After the prompt, no forward feeds more than a chunk (+ the pending token): the KV caches
-    are reused across steps and rolled back, never rebuilt from the prefix."""
-    fed = []
-    backend = tiny_gen.backend
-    original = backend.forward
-
-    def spy(group, tokens, cache, n_logits, names):
-        fed.append((group, tokens.numel()))
-        return original(group, tokens, cache, n_logits, names)
-
-    backend.forward = spy
-    try:
-        tiny_gen.generate([0, 1, 2, 3, 4, 0, 1, 2], method=method, max_new_tokens=40, seed=0, ignore_eos=True,
-                          k=3, **kw_for(method))
-    finally:
-        del backend.forward
+    are reused across steps and rolled back, never rebuilt from the prefix. Every way a sampler
+    reaches the model is recorded (on the batched backend SCR scores a chunk and takes the next
+    draft step in one `forward_together`)."""
+    spy = Recording(tiny_gen.backend)
+    Generator(spy, tiny_gen.tokenizer).generate([0, 1, 2, 3, 4, 0, 1, 2], method=method, max_new_tokens=40, seed=0,
+                                                ignore_eos=True, k=3, **kw_for(method))
+    if method == "scr":
+        assert spy.together > 0, "the fused scoring path was not taken"
     first_per_group = {}
-    for i, (group, n) in enumerate(fed):
+    for i, (group, _, _) in enumerate(spy.fed):
         first_per_group.setdefault(group, i)
-    later = [n for i, (group, n) in enumerate(fed) if i != first_per_group[group]]
+    later = [n for i, (group, n, _) in enumerate(spy.fed) if i != first_per_group[group]]
     assert later and max(later) <= 3 + 1
+
+
+class Recording(Backend):
+    """A backend that runs another one and records what every forward feeds: (group, number of
+    new tokens, preference models) per call, whether it came through forward or forward_together."""
+
+    def __init__(self, inner: Backend):
+        self.inner = inner
+        self.names, self.vocab_size = inner.names, inner.vocab_size
+        self.max_length, self.device = inner.max_length, inner.device
+        self.fuses_groups = inner.fuses_groups
+        self.fed: list[tuple[str, int, tuple[str, ...]]] = []
+        self.together = 0
+
+    def new_cache(self, group, names):
+        return self.inner.new_cache(group, names)
+
+    def crop(self, cache, n_remove):
+        self.inner.crop(cache, n_remove)
+
+    def forward(self, group, tokens, cache, n_logits, names):
+        self.fed.append((group, tokens.numel(), tuple(names)))
+        return self.inner.forward(group, tokens, cache, n_logits, names)
+
+    def forward_together(self, calls, names):
+        self.together += 1
+        self.fed += [(group, tokens.numel(), tuple(names)) for group, tokens, _, _ in calls]
+        return self.inner.forward_together(calls, names)
+
+
+def test_temperature_zero_is_greedy_decoding_of_the_target(tiny_gen):
+    """temperature=0: every exact method takes argmax_t p*(t|Y) at every step (so they agree token
+    for token), `base` the reference's argmax; without a method it is `token`; the seed is moot."""
+    weights = {"E": 1.0, "N": -0.5, "T": 0.3}
+    runs = {m: tiny_gen.generate(PROMPT, method=m, weights=weights, temperature=0, max_new_tokens=12, seed=s,
+                                 ignore_eos=True, k=3) for s, m in enumerate(["token", "token-rs", "spec"])}
+    default = tiny_gen.generate(PROMPT, weights=weights, temperature=0, max_new_tokens=12, seed=9, ignore_eos=True)
+    assert default.stats.method == "token"
+    target = Target(tuple(weights), tuple(weights.values()))
+    seq, session = list(PROMPT), Session(tiny_gen.backend, tuple(weights))
+    for _ in range(12):
+        seq.append(int(token_target(log_probs(session.logits("all", seq)[:, -1], target), target)[0].argmax()))
+    want = seq[len(PROMPT):]
+    assert {m: r.token_ids for m, r in runs.items()} == {m: want for m in runs} and default.token_ids == want
+    assert runs["spec"].stats.accepted > 0                      # drafts that agree with the target are kept
+    sampled = {tuple(tiny_gen.generate(PROMPT, method="token", weights=weights, max_new_tokens=12, seed=s,
+                                       ignore_eos=True).token_ids) for s in range(4)}
+    assert sampled != {tuple(want)}                             # at temperature 1 the seed matters
+    base = tiny_gen.generate(PROMPT, method="base", temperature=0, max_new_tokens=6, ignore_eos=True)
+    seq = list(PROMPT)
+    for t in base.token_ids:
+        assert t == int(Session(tiny_gen.backend).logits("ref", seq)[0, -1].argmax())
+        seq.append(t)
+
+
+def test_sampling_params_object_and_keywords_agree(tiny_gen):
+    params = SamplingParams(method="spec", persona="EN", max_new_tokens=9, seed=3, k=2, ignore_eos=True)
+    a = tiny_gen.generate(PROMPT, params)
+    b = tiny_gen.generate(PROMPT, method="spec", persona="EN", max_new_tokens=9, seed=3, k=2, ignore_eos=True)
+    c = tiny_gen.generate(PROMPT, params, k=3)                 # keywords change the given params
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 9
+    assert c.stats.method == "spec" and params.k == 2

@@ -6,10 +6,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from personamix import Generator
-from personamix.backend import Session
-from personamix.onednn import PackedLinear, pack_linears, packing_problem
-
-from conftest import save_lora, save_tiny, tiny_model
+from personamix.backends.onednn import PackedLinear, pack_linears, packing_problem
+from personamix.engine.session import Session
+from personamix.testing import save_lora, save_tiny, tiny_model
 
 SEQ = [1, 3, 0, 4, 2, 2, 1, 0]
 pytestmark = pytest.mark.skipif(packing_problem(nn.Linear(8, 8)) is not None,

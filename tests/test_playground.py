@@ -3,12 +3,11 @@ open it, move sliders, pick a method, generate, see streamed text and live stats
 import shutil
 
 import pytest
+from test_server import MODEL, Running
 
 from personamix import Generator
-from personamix.server import create_app
-
-from conftest import save_chat_tiny, save_lora
-from test_server import MODEL, Running
+from personamix.serving import create_app
+from personamix.testing import save_chat_tiny, save_lora
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")

@@ -3,8 +3,7 @@
 import pytest
 
 from personamix import Generator
-from personamix.models import random_adapters
-from personamix.models import DEFAULT_MODEL, resolve_model
+from personamix.loading import DEFAULT_MODEL, random_adapters, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +54,7 @@ def mbti():
 def test_shipped_adapters_fast_path_equals_peft(mbti):
     import torch
 
-    from personamix.backend import Session
+    from personamix.engine.session import Session
 
     peft = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", backend="lora", device="cpu")
     ids = mbti.encode("How do you spend a free Saturday?")

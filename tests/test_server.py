@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 from openai import OpenAI
 
 from personamix import Generator
-from personamix.server import create_app
-
-from conftest import save_chat_tiny, save_lora
+from personamix.serving import create_app
+from personamix.testing import save_chat_tiny, save_lora
 
 MODEL = "tiny-chat"
 
@@ -101,7 +100,7 @@ def test_models_health_and_playground(server, client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL, f"{MODEL}:E", f"{MODEL}:N"]
     health = httpx.get(server.url + "/health").json()
-    assert health["status"] == "ok" and health["backend"] == "BatchingLoraBackend"   # requests share forwards
+    assert health["status"] == "ok" and health["backend"] == "batched"   # requests share forwards
     assert health["batching"]["calls"] >= health["batching"]["forwards"]
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "personamix playground" in page.text and "/v1/chat/completions" in page.text
@@ -161,10 +160,10 @@ def test_overfilled_queue_gets_429_with_retry_after_never_a_crash(gen):
         with cf.ThreadPoolExecutor(24) as pool:
             codes = [r.status_code for r in pool.map(post, range(24))]
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes
-        running.app.state.admission.active = 2            # hold both slots: the answer is 429 + Retry-After
+        running.app.state.server.admission.active = 2            # hold both slots: the answer is 429 + Retry-After
         r = post(0)
         assert r.status_code == 429 and r.headers["Retry-After"] == "1" and "busy" in r.json()["error"]["message"]
-        running.app.state.admission.active = 0
+        running.app.state.server.admission.active = 0
         assert post(0).status_code == 200
     finally:
         running.stop()
@@ -180,11 +179,11 @@ def test_client_disconnect_frees_the_work(tmp_path):
         with httpx.stream("POST", running.url + "/v1/chat/completions", json=body, timeout=30) as r:
             next(r.iter_lines())                         # read the first event, then hang up
         deadline = time.time() + 20
-        while running.app.state.admission.active:
+        while running.app.state.server.admission.active:
             assert time.time() < deadline, "the disconnected stream still holds its slot"
             time.sleep(0.05)
         assert httpx.get(running.url + "/health").json()["in_flight"] == 0
-        assert running.app.state.streams_cancelled == 1      # stopped early, not run to 4000 tokens
+        assert running.app.state.server.counters.streams_cancelled == 1      # stopped early, not run to 4000 tokens
     finally:
         running.stop()
 
@@ -205,3 +204,87 @@ def test_fuzzed_bodies_never_get_a_5xx(server, body, path):
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         assert r.json()["error"]["message"]
+
+
+def _asgi_post(app, path: str, body: dict, disconnect_first: bool, spec_version: str) -> list[dict]:
+    """POST to the ASGI app directly; the client hangs up right after sending its request
+    (`disconnect_first`: before the response has started). Returns what the app sent."""
+    import asyncio
+
+    raw = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json"),
+                                          (b"content-length", str(len(raw)).encode())],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+    inbox = [{"type": "http.request", "body": raw, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if inbox:
+            return inbox.pop(0)
+        if not disconnect_first:
+            await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if disconnect_first:
+            raise OSError("connection reset by peer")      # what a server does with a write to a closed socket
+        sent.append(message)
+
+    async def main():
+        try:
+            await asyncio.wait_for(app(scope, receive, send), timeout=60)
+        except Exception:   # the app may surface the disconnect as an error: what matters is what it leaves behind
+            pass
+
+    asyncio.run(main())
+    return sent
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_a_client_gone_before_its_stream_starts_frees_its_slot(gen, spec_version):
+    """The stream's producer never starts (the response body is never iterated), yet the slot is
+    released and the generation closed: admission does not leak, and later requests still run."""
+    app = create_app(gen, MODEL, max_pending=1)
+    body = {"messages": [{"role": "user", "content": "what"}], "max_tokens": 8, "stream": True, "persona": "E"}
+    for _ in range(3):
+        _asgi_post(app, "/v1/chat/completions", body, disconnect_first=True, spec_version=spec_version)
+        assert app.state.server.admission.active == 0
+    sent = _asgi_post(app, "/v1/chat/completions", {**body, "stream": False}, disconnect_first=False,
+                      spec_version=spec_version)
+    assert sent[0]["status"] == 200 and app.state.server.admission.active == 0
+
+
+def test_settings_endpoint_lists_every_sampling_setting_with_its_limits(server):
+    from personamix.engine.params import FIELDS
+
+    body = httpx.get(server.url + "/v1/settings").json()
+    names = {s["name"] for s in body["settings"]}
+    assert names == (set(FIELDS) - {"max_new_tokens"}) | {"max_tokens"}
+    k = next(s for s in body["settings"] if s["name"] == "k")
+    assert k["default"] == 4 and k["min"] == 1 and k["max"] == 64 and k["help"]
+    assert body["context_length"] == 64 and body["adapters"] == ["E", "N"]
+
+
+@pytest.mark.parametrize("field,value", [("warmup", 0), ("window", 50_000), ("bound", "exact"), ("max_retries", 3),
+                                         ("ignore_eos", True)])
+def test_the_server_accepts_what_the_library_accepts(client, field, value):
+    """One source of settings: values the library takes are not refused by the server (the old
+    server required warmup >= 1 and capped window at 10,000; the library did not)."""
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "what"}], max_tokens=4,
+                                       extra_body={"persona": "E", "seed": 1, field: value})
+    assert r.model_extra["personamix"]["stats"]["new_tokens"] >= 1
+
+
+def test_temperature_zero_is_greedy_over_the_api(server, client):
+    """OpenAI clients send temperature 0 for deterministic output: the target's argmax (method
+    token by default); scr names why it has no greedy form."""
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "what do you like"}], max_tokens=8, temperature=0)
+    a = client.chat.completions.create(**kw, extra_body={"persona": "EN", "seed": 1})
+    b = client.chat.completions.create(**kw, extra_body={"persona": "EN", "seed": 2, "method": "spec"})
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.model_extra["personamix"]["stats"]["method"] == "token"
+    r = httpx.post(server.url + "/v1/chat/completions", json={**kw, "method": "scr"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    assert "greedy" in r.json()["error"]["message"]

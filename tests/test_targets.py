@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from personamix import PersonamixError
-from personamix.targets import (Target, aggregate, chunk_scores, log_probs, parse_persona,
-                                resolve_weights, token_target)
+from personamix.engine.targets import Target, aggregate, chunk_scores, log_probs, resolve_weights, token_target
+from personamix.mbti import parse_persona
 
 
 def test_linear_matches_direct_formula_with_signed_weights():

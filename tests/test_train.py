@@ -6,10 +6,10 @@ import random
 import pytest
 
 from personamix import Generator, PersonamixError
-from personamix.models import SHIPPED_SETS, shipped_adapters
-from personamix.train import LOG_FILE, TrainConfig, read_meta, train_adapter
+from personamix.adapters import SHIPPED_SETS, shipped_adapters
+from personamix.testing import save_chat_tiny
+from personamix.training.train import LOG_FILE, TrainConfig, read_meta, train_adapter
 
-from conftest import save_chat_tiny
 
 def write_mbti_file(path, n: int = 48):
     """Records in the paper's format: E answers are loud, I answers are quiet."""
@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
 
 def test_dpo_loss_goes_down_and_log_is_saved(trained):
     base, cfg, meta = trained
-    log = json.loads((cfg.output_dir and open(f"{cfg.output_dir}/{LOG_FILE}").read()))
+    log = json.loads(cfg.output_dir and open(f"{cfg.output_dir}/{LOG_FILE}").read())
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) >= 4
     assert sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
@@ -57,7 +57,7 @@ def test_trained_adapter_loads_into_generator_and_shifts_towards_its_pole(traine
     tok = gen.tokenizer
     prompt = gen.encode("what do you like today")
     loud, quiet = tok.convert_tokens_to_ids("loud"), tok.convert_tokens_to_ids("quiet")
-    from personamix.backend import Session
+    from personamix.engine.session import Session
 
     s = Session(gen.backend, ["E"])
     logits = s.logits("all", prompt, 1)[:, -1].log_softmax(-1)   # rows: ref, E

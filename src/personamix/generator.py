@@ -1,20 +1,29 @@
-"""The user-facing API: `Generator.from_pretrained(...).generate(prompt, persona=..., method=...)`."""
+"""The user-facing API: `Generator.from_pretrained(...).generate(prompt, persona=..., method=...)`.
+
+A Generator is a backend (backends/, or any implementation of engine.session.Backend) plus a
+tokenizer; `generate` / `stream` turn a prompt and SamplingParams into a target (engine/targets.py)
+and run the method's sampler (engine/samplers/) over a Session of that backend.
+"""
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .backend import Backend, Session
+from .adapters import shipped_adapters
+from .backends import build_backend
+from .engine.params import SamplingParams
+from .engine.samplers import METHODS
+from .engine.session import Backend, Session
+from .engine.stats import Stats
+from .engine.targets import Target, resolve_weights
 from .errors import PersonamixError
-from .models import DEFAULT_MODEL, build_backend, load_reference, pick_device, shipped_adapters
-from .samplers import METHODS, SamplerConfig
-from .stats import Stats
-from .targets import Target, resolve_weights
+from .loading import DEFAULT_MODEL, load_reference, pick_device
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 
@@ -35,12 +44,12 @@ class GenerationResult:
 class TextStream:
     """Iterator over text pieces of a generation; `.result` is set once it is exhausted."""
 
-    def __init__(self, gen: "Generator", tokens: Iterator[list[int]], run: "_Run"):
+    def __init__(self, gen: Generator, tokens: Iterator[list[int]], run: _Run):
         self._gen, self._tokens, self._run = gen, tokens, run
         self._text = ""
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> "TextStream":
+    def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
@@ -101,12 +110,12 @@ class Generator:
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, adapters: Mapping[str, str] | str | None = None, *,
                         backend: str = "auto", device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, onednn: bool = True) -> "Generator":
+                        dtype: torch.dtype | None = None, onednn: bool = True) -> Generator:
         """Load a reference (the embedded default's alias, a hub id or a local directory) and
         preference models: `adapters` maps a name ("E", "N", ...) to a PEFT LoRA adapter
-        directory / hub id, or to a full model (see models.build_backend for `backend`). A string
+        directory / hub id, or to a full model (see backends.build_backend for `backend`). A string
         names adapters shipped for the default model: "mbti", "roleplay" or "mbti,roleplay".
-        onednn: on CPU, run linear layers with oneDNN-prepacked weights (faster; onednn.py)."""
+        onednn: on CPU, run linear layers with oneDNN-prepacked weights (faster; backends/onednn.py)."""
         if isinstance(adapters, str):
             adapters = shipped_adapters(adapters, model)
         ref, tokenizer = load_reference(model, pick_device(device), dtype)
@@ -147,7 +156,8 @@ class Generator:
             if bad:
                 raise PersonamixError(f"token id(s) {bad[:5]} outside the vocabulary 0..{self.backend.vocab_size - 1}")
         else:
-            raise PersonamixError(f"prompt must be a string, a list of token ids or chat messages, got {type(prompt).__name__}")
+            raise PersonamixError("prompt must be a string, a list of token ids or chat messages, got "
+                                  f"{type(prompt).__name__}")
         if not ids:
             raise PersonamixError("the prompt is empty: at least one token is needed")
         return ids
@@ -160,77 +170,69 @@ class Generator:
 
     # -- generation --------------------------------------------------------------------------
 
-    def generate(self, prompt: Prompt, **kwargs) -> GenerationResult:
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, *, chat_template: bool = True,
+                 **settings: Any) -> GenerationResult:
         """Generate from `prompt` with a persona / weights and a sampling method.
 
-        Keyword arguments (all optional):
-          persona ("ENTJ") or weights ({"E": 0.7, "N": 0.3}); default: equal weights on all
-          aggregation "linear" | "geometric"; method "scr" | "spec" | "token" | "token-rs" | "base"
-          max_new_tokens (64), seed (None: random), temperature (1.0), top_k (0), top_p (1.0)
-          k (4), window (20), gamma (1.2), warmup (5), bound ("window"), max_retries (256)
-          chat_template (True), ignore_eos (False)
+        Settings are SamplingParams' fields, given as `params` or as keyword arguments (which
+        change `params` when both are given): persona ("ENTJ") or weights ({"E": 0.7, "N": 0.3}),
+        default equal weights on all; method "scr" | "spec" | "token" | "token-rs" | "base";
+        aggregation "linear" | "geometric"; max_new_tokens (64), seed (None: random),
+        temperature (1.0; 0 = greedy), top_k (0), top_p (1.0), k (4), window (20), gamma (1.2),
+        warmup (5), bound ("window"), max_retries (256), ignore_eos (False).
+        `chat_template`: whether a string prompt gets the model's chat template.
         """
-        stream = self.stream(prompt, **kwargs)
+        stream = self.stream(prompt, params, chat_template=chat_template, **settings)
         for _ in stream:
             pass
         assert stream.result is not None
         return stream.result
 
-    def stream(self, prompt: Prompt, **kwargs) -> TextStream:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, *, chat_template: bool = True,
+               **settings: Any) -> TextStream:
         """Like generate, but an iterator of text pieces as they are accepted; `.result` at the end."""
-        tokens, run = self.stream_tokens(prompt, **kwargs)
+        tokens, run = self.stream_tokens(prompt, params, chat_template=chat_template, **settings)
         return TextStream(self, tokens, run)
 
-    def stream_tokens(self, prompt: Prompt, *, persona: str | None = None,
-                      weights: Mapping[str, float] | None = None, aggregation: str = "linear",
-                      method: str = "scr", max_new_tokens: int = 64, seed: int | None = None,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                      k: int = 4, window: int = 20, gamma: float = 1.2, warmup: int = 5,
-                      bound: str = "window", max_retries: int = 256, chat_template: bool = True,
-                      ignore_eos: bool = False) -> tuple[Iterator[list[int]], _Run]:
+    def stream_tokens(self, prompt: Prompt, params: SamplingParams | None = None, *, chat_template: bool = True,
+                      **settings: Any) -> tuple[Iterator[list[int]], _Run]:
         """The token-level stream under `stream`: (iterator of committed token lists, run record)."""
-        if method not in METHODS:
-            raise PersonamixError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise PersonamixError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise PersonamixError(f"seed must be a non-negative integer or None, got {seed!r}")
-        cfg = SamplerConfig(k=k, window=window, gamma=gamma, warmup=warmup, bound=bound, max_retries=max_retries)
-        if method == "base":
-            if persona is not None or weights is not None:
-                raise PersonamixError("method='base' samples the reference alone: it takes no persona or weights")
+        params = SamplingParams.from_kwargs(params, **settings)
+        if params.method == "base":
             alphas: dict[str, float] = {}
         else:
-            alphas = resolve_weights(self.backend.names, persona, weights)
-        target = Target(names=tuple(alphas), weights=tuple(alphas.values()), aggregation=aggregation,
-                        temperature=temperature, top_k=top_k, top_p=top_p)
+            alphas = resolve_weights(self.backend.names, params.persona, params.weights)
+        # temperature 0 is greedy decoding of the temperature-1 target (the samplers take its argmax)
+        target = Target(names=tuple(alphas), weights=tuple(alphas.values()), aggregation=params.aggregation,
+                        temperature=params.temperature or 1.0, top_k=params.top_k, top_p=params.top_p)
         prompt_ids = self.encode(prompt, chat_template)
         room = self.backend.max_length - len(prompt_ids)
         if room < 1:
             raise PersonamixError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
                                   f"{self.backend.max_length}: shorten the prompt")
-        if max_new_tokens > room:
-            raise PersonamixError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                                  f"the model's context of {self.backend.max_length}; at most {room} new tokens fit")
-        run = _Run(prompt_ids, Stats(method), alphas, secrets.randbits(63) if seed is None else seed)
-        return self._tokens(run, target, cfg, method, max_new_tokens, ignore_eos), run
+        if params.max_new_tokens > room:
+            raise PersonamixError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                                  f"exceeds the model's context of {self.backend.max_length}; at most {room} new "
+                                  "tokens fit")
+        run = _Run(prompt_ids, Stats(params.method), alphas,
+                   secrets.randbits(63) if params.seed is None else params.seed)
+        return self._tokens(run, target, params), run
 
-    def _tokens(self, run: _Run, target: Target, cfg: SamplerConfig, method: str, max_new_tokens: int,
-                ignore_eos: bool) -> Iterator[list[int]]:
+    def _tokens(self, run: _Run, target: Target, params: SamplingParams) -> Iterator[list[int]]:
         rng = torch.Generator(device=self.backend.device)
         rng.manual_seed(run.seed)
         session = Session(self.backend, target.names)
-        sampler = METHODS[method](session, run.prompt_ids, target, cfg, rng, run.stats)
+        sampler = METHODS[params.method](session, run.prompt_ids, target, params, rng, run.stats)
         stats, start = run.stats, time.perf_counter()
         try:
             for step in sampler:
                 out = []
                 for t in step:
-                    if t in self.eos_token_ids and not ignore_eos:
+                    if t in self.eos_token_ids and not params.ignore_eos:
                         run.finish_reason = "stop"
                         break
                     out.append(t)
-                    if len(run.token_ids) + len(out) >= max_new_tokens:
+                    if len(run.token_ids) + len(out) >= params.max_new_tokens:
                         break
                 run.token_ids.extend(out)
                 stats.new_tokens = len(run.token_ids)
@@ -238,7 +240,7 @@ class Generator:
                 stats.elapsed_s = time.perf_counter() - start
                 if out:
                     yield out
-                if run.finish_reason == "stop" or len(run.token_ids) >= max_new_tokens:
+                if run.finish_reason == "stop" or len(run.token_ids) >= params.max_new_tokens:
                     break
         finally:
             sampler.close()

@@ -1,0 +1,109 @@
+"""`scr`: Speculative Chunk-level Rejection sampling, the MPG paper's method (Sec. 4).
+
+One step, after prefix Y:
+ 1. draft C = c_1..c_k ~ pi_ref and keep log pi_ref(c_j | Y, C_<j)          (k ref forwards)
+ 2. score C under the N preference models in ONE forward; every prefix C_{1:j} then has
+    l_i(C_{1:j}) = sum_{m<=j} log pi_i(c_m|.) - log pi_ref(c_m|.) and S_j = agg(l(C_{1:j}))
+ 3. cascade j = k, k-1, ..., 1: accept C_{1:j} if log u < S_j - log M_j (fresh u each test),
+    where log M_j = max(window_j) + log(gamma) is the sliding-window bound estimate
+ 4. all prefixes rejected: single-token fallback, Token-RS at position 1 with the exact
+    bound (so every step emits >= 1 token and the step's work is bounded)
+ 5. the S_j of the drafted chunk enter window_j (size W) after the decision.
+With a backend that fuses groups (the batched one), the reference's step after c_k rides along
+in the scoring forward of step 2, so when C is accepted whole the next draft starts without a
+forward of its own (k forwards per accepted k-token chunk instead of k + 1).
+
+Choices where the paper is vague (documented in docs/samplers.md):
+ * one window per prefix length j: S of a j-token prefix is a sum of j token log ratios, so
+   the bounds of different lengths live on different scales;
+ * every drafted chunk enters the windows, accepted or not: M bounds S over pi_ref's drafts;
+ * warm-up: the first `warmup` chunks are verified token by token with the exact per-token
+   bound (token c_j accepted w.p. exp(S(c_j) - max_t S(t)), Token-RS at the first rejection),
+   which is exact and fills the windows; the paper's "variance conditions" are not used;
+ * bound="exact" verifies every chunk that way (the oracle: exact for p* for any k; for k=1
+   it is SCR with M = the true max).
+A window estimate can be too low (S_j > log M_j: a "bound violation"); the test is then
+capped at 1 and the output is biased toward such chunks. tests/test_exactness.py measures it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+from ..params import SamplingParams
+from ..session import Session
+from ..stats import Stats
+from ..targets import Target, chunk_scores, log_probs, token_scores
+from .common import draft, rejection_sample_token
+
+
+def sample(session: Session, prompt: list[int], target: Target, params: SamplingParams,
+           rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
+    seq = list(prompt)
+    log_gamma = math.log(params.gamma)
+    windows = [deque(maxlen=params.window) for _ in range(params.k)]   # windows[j-1]: recent S_j
+    chunks = 0
+    while True:
+        k = min(params.k, session.backend.max_length - len(seq))   # never draft past the context
+        chunk, logq = draft(session, seq, k, target, rng)                           # [k, V]
+        if session.fuses and len(seq) + k < session.backend.max_length:
+            # the next step's first draft logits (after the whole chunk) ride along in the scoring
+            # forward; used when C is accepted whole, else rolled back like any rejected draft
+            pref_logits, _ = session.logits_together([("prefs", seq + chunk[:-1], k), ("ref", seq + chunk, 1)])
+        else:
+            pref_logits = session.logits("prefs", seq + chunk[:-1], k)             # [N, k, V]
+        logp = torch.cat([logq[None], log_probs(pref_logits, target, torch.isfinite(logq))])
+        chunk_t = torch.tensor(chunk, device=logq.device)
+        s, clamped = chunk_scores(logp[0], logp[1:], chunk_t, target)              # [k]
+        stats.proposals += k
+        if params.bound == "exact" or chunks < max(params.warmup, 1):   # >= 1: the windows need a score
+            stats.warmup_chunks += params.bound != "exact"
+            out = _verify_exact(logp, chunk, target, params, rng, stats)
+        else:
+            out = _cascade(logp, chunk, s, clamped, windows, log_gamma, target, params, rng, stats)
+        s_list = s.tolist()
+        for j in range(k):
+            windows[j].append(s_list[j])
+        chunks += 1
+        seq.extend(out)
+        yield out
+
+
+def _cascade(logp, chunk, s, clamped, windows, log_gamma, target, params, rng, stats) -> list[int]:
+    """Steps 3-4: test C_{1:k}, ..., C_{1:1} against the window bounds, then fall back."""
+    k = len(chunk)
+    log_u = torch.rand(k, generator=rng, device=s.device).log().tolist()
+    s_list, clamped_list = s.tolist(), clamped.tolist()
+    for j in range(k, 0, -1):
+        log_m = max(windows[j - 1]) + log_gamma
+        stats.chunks_proposed[j] += 1
+        stats.bound_violations += s_list[j - 1] > log_m
+        stats.clamps += clamped_list[j - 1]
+        if log_u[j - 1] < s_list[j - 1] - log_m:
+            stats.chunks_accepted[j] += 1
+            stats.accepted += j
+            return chunk[:j]
+    stats.fallback_tokens += 1
+    return [rejection_sample_token(logp[:, 0], target, rng, params.max_retries, stats)[0]]
+
+
+def _verify_exact(logp, chunk, target, params, rng, stats) -> list[int]:
+    """Token-by-token verification with the exact bound: token-level Token-RS whose first
+    proposal at position j is the drafted c_j; exact for p* (warm-up and bound="exact")."""
+    s, clamped = token_scores(logp, target)                                        # [k, V]
+    log_m = s.masked_fill(~torch.isfinite(logp[0]), float("-inf")).amax(-1)       # [k]
+    idx = torch.tensor(chunk, device=s.device).view(-1, 1)
+    ok = (torch.rand(len(chunk), generator=rng, device=s.device).log()
+          < s.gather(1, idx).squeeze(1) - log_m).tolist()
+    n = ok.index(False) if False in ok else len(chunk)
+    stats.accepted += n
+    stats.clamps += int(clamped.gather(1, idx)[: n + 1].sum())
+    if n == len(chunk):
+        return list(chunk)
+    stats.proposals -= len(chunk) - n - 1      # drafted tokens after the rejection were never tested
+    stats.fallback_tokens += 1
+    return chunk[:n] + [rejection_sample_token(logp[:, n], target, rng, params.max_retries, stats)[0]]

@@ -1,0 +1,29 @@
+"""`token`: exact direct sampling from the token-level target p* (eq. 5) at every step.
+
+All N+1 rows are scored in one forward; p*(t|Y) = softmax(log pi_ref(t|Y) + S(t|Y)).
+Greedy (temperature 0): argmax_t p*(t|Y).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..params import SamplingParams
+from ..session import Session
+from ..stats import Stats
+from ..targets import Target, log_probs, token_target
+from .common import sample_token
+
+
+def sample(session: Session, prompt: list[int], target: Target, params: SamplingParams,
+           rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
+    seq = list(prompt)
+    while True:
+        logp = log_probs(session.logits("all", seq)[:, -1], target)   # [N+1, V]
+        logp_star, _, clamped = token_target(logp, target)
+        t = sample_token(logp_star, rng, params.greedy)
+        stats.clamps += int(clamped[t])
+        seq.append(t)
+        yield [t]

@@ -1,0 +1,34 @@
+"""`token-rs`: the paper's baseline. Per token, score all N+1 rows in one forward, then
+rejection-sample: propose t ~ pi_ref, accept with probability exp(S(t) - log M), where
+M = max_t exp(S(t)) is the exact bound at that step (see common.rejection_sample_token).
+Greedy (temperature 0): the limit of an exact sampler of p* is argmax_t p*(t|Y), taken directly
+(no proposals): the same tokens as greedy `token`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ..params import SamplingParams
+from ..session import Session
+from ..stats import Stats
+from ..targets import Target, log_probs, token_target
+from .common import rejection_sample_token
+
+
+def sample(session: Session, prompt: list[int], target: Target, params: SamplingParams,
+           rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
+    seq = list(prompt)
+    while True:
+        logp = log_probs(session.logits("all", seq)[:, -1], target)   # [N+1, V]
+        if params.greedy:
+            logp_star, _, clamped = token_target(logp, target)
+            t = int(logp_star.argmax())
+            stats.clamps += int(clamped[t])
+        else:
+            t, tried, ok = rejection_sample_token(logp, target, rng, params.max_retries, stats)
+            stats.proposals += tried
+            stats.accepted += ok
+        seq.append(t)
+        yield [t]

@@ -1,0 +1,178 @@
+"""The backend contract: how samplers reach models, over row groups with KV caches.
+
+Rows are numbered like the paper's models: row 0 is the reference pi_ref, rows 1..N the
+preference models. A sampler works on *groups* of rows that advance together:
+
+    "ref"    row 0 alone       (drafting, the `base` method)
+    "prefs"  rows 1..N         (scoring a drafted chunk)
+    "all"    rows 0..N         (token-level methods: every row in one forward)
+
+A `Session` holds one cache per group for one generation. `logits(group, seq, n)` returns
+the logits after the last n tokens of `seq`, feeding only what the cache lacks and rolling
+back what it holds beyond the shared prefix (a rejected draft). Nothing else touches a
+model: a backend implements `Backend` (new_cache, forward, crop) and every sampler runs on
+it, whether the models are in this process (backends/) or behind a server.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+
+from ..errors import PersonamixError
+
+Group = Literal["ref", "prefs", "all"]
+GROUPS: tuple[str, ...] = ("ref", "prefs", "all")
+
+
+class Backend(ABC):
+    """Scores groups of rows over caches. Subclasses set the four facts below in __init__ and
+    declare what else they can do in the class attributes (capabilities, never probed)."""
+
+    names: tuple[str, ...]       # preference-model names, row i+1 = names[i]
+    vocab_size: int
+    max_length: int              # context length in tokens
+    device: torch.device
+
+    #: short name (`backend=` in Generator.from_pretrained, GET /health)
+    kind: ClassVar[str] = "?"
+    #: forward_together runs the calls of several groups in ONE forward (SCR then scores a chunk
+    #: and takes the next draft step at once)
+    fuses_groups: ClassVar[bool] = False
+    #: concurrent generations (threads) share forwards; `forwards` / `calls` count them
+    shares_forwards: ClassVar[bool] = False
+
+    @abstractmethod
+    def new_cache(self, group: Group, names: Sequence[str]) -> object:
+        """An empty cache for one group of one generation."""
+
+    @abstractmethod
+    def forward(self, group: Group, tokens: torch.Tensor, cache: object, n_logits: int,
+                names: Sequence[str]) -> tuple[torch.Tensor, int]:
+        """Logits [rows, n_logits, V] after the last n_logits of `tokens` (fed after what `cache`
+        holds; the cache then holds them too), and the number of model forward passes used.
+        `names`: the preference models taking part (rows 1.. of the group, in that order)."""
+
+    @abstractmethod
+    def crop(self, cache: object, n_remove: int) -> None:
+        """Forget the last n_remove tokens of `cache`."""
+
+    def forward_together(self, calls: Sequence[tuple[Group, torch.Tensor, object, int]],
+                         names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
+        """`forward` for calls (group, tokens, cache, n_logits) of different groups of one
+        generation: ([logits per call], forward passes). One forward each unless `fuses_groups`."""
+        results = [self.forward(g, t, c, n, names) for g, t, c, n in calls]
+        return [r[0] for r in results], sum(r[1] for r in results)
+
+
+class Session:
+    """KV caches of one generation, one per group, created on first use.
+
+    `logits(group, seq, n)` is the only call samplers need: it returns the logits that follow
+    each of the last n tokens of `seq`, reusing the group's cache for the longest prefix it
+    shares with `seq` and rolling the rest back (`truncate`). So a rejected draft is undone by
+    simply asking about the sequence without it; the prefix is never recomputed.
+    """
+
+    MEMO = 8   # logits kept per group for the latest positions (a draft's tail, reused after a rollback)
+
+    def __init__(self, backend: Backend, names: Sequence[str] | None = None):
+        self.backend = backend
+        self.names = tuple(backend.names if names is None else names)
+        unknown = [n for n in self.names if n not in backend.names]
+        if unknown:
+            raise PersonamixError(f"unknown preference model(s) {', '.join(unknown)}")
+        self.forward_passes = 0
+        self._caches: dict[str, object] = {}
+        self._tokens: dict[str, list[int]] = {}
+        # group -> {p: logits [rows, V] after the first p cached tokens}; valid while those stay cached
+        self._memo: dict[str, dict[int, torch.Tensor]] = {}
+
+    def cached(self, group: Group) -> list[int]:
+        """The tokens whose keys/values the group's cache holds."""
+        return self._tokens.get(group, [])
+
+    def logits(self, group: Group, seq: Sequence[int], n_logits: int = 1) -> torch.Tensor:
+        """Logits [rows, n_logits, V]: row r, column j predicts the token after seq[len(seq) - n_logits + j]."""
+        return self.logits_together([(group, seq, n_logits)])[0]
+
+    @property
+    def fuses(self) -> bool:
+        """Whether `logits_together` runs the requests of several groups in ONE forward."""
+        return self.backend.fuses_groups
+
+    def logits_together(self, requests: Sequence[tuple[Group, Sequence[int], int]]) -> list[torch.Tensor]:
+        """`logits` for several (group, seq, n_logits) of different groups; one forward for all
+        when the backend can (`fuses`), else one per group."""
+        if len({g for g, _, _ in requests}) != len(requests):
+            raise ValueError("one request per group")
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        todo = []        # (index, group, seq, new tokens, n_logits)
+        for i, (group, seq, n_logits) in enumerate(requests):
+            out[i] = self._from_cache(group, seq, n_logits)
+            if out[i] is None:
+                keep = len(self.cached(group))
+                todo.append((i, group, seq, torch.tensor(seq[keep:], dtype=torch.long, device=self.backend.device),
+                             n_logits))
+        if not todo:
+            return out
+        for _, group, _, _, _ in todo:
+            if group not in self._caches:
+                self._caches[group] = self.backend.new_cache(group, self.names)
+        if len(todo) > 1:
+            logits, passes = self.backend.forward_together(
+                [(g, new, self._caches[g], n) for _, g, _, new, n in todo], self.names)
+        else:
+            _, g, _, new, n = todo[0]
+            logits, passes = self.backend.forward(g, new, self._caches[g], n, self.names)
+            logits = [logits]
+        self.forward_passes += passes
+        for (i, group, seq, _, n_logits), lg in zip(todo, logits):
+            self._tokens[group] = list(seq)
+            memo = self._memo.setdefault(group, {})
+            for j, p in enumerate(range(len(seq) - n_logits + 1, len(seq) + 1)):
+                memo[p] = lg[:, j]
+            for p in sorted(memo)[:-self.MEMO]:
+                del memo[p]
+            out[i] = lg
+        return out
+
+    def _from_cache(self, group: Group, seq: Sequence[int], n_logits: int) -> torch.Tensor | None:
+        """The logits if the memo has them (after rolling the cache back to `seq`); else None,
+        with the cache rolled back to the longest prefix it shares with `seq` that leaves at
+        least n_logits tokens to feed."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown group {group!r}")
+        if not 1 <= n_logits <= len(seq):
+            raise ValueError(f"n_logits={n_logits} for a sequence of {len(seq)} tokens")
+        if len(seq) > self.backend.max_length:
+            raise PersonamixError(f"sequence of {len(seq)} tokens exceeds the model's context of "
+                                  f"{self.backend.max_length} tokens")
+        cached = self.cached(group)
+        keep = min(len(cached), len(seq))
+        if cached[:keep] != list(seq[:keep]):      # C-speed check first; then find the first mismatch
+            keep = next(i for i, (a, b) in enumerate(zip(cached, seq)) if a != b)
+        memo = self._memo.setdefault(group, {})
+        wanted = range(len(seq) - n_logits + 1, len(seq) + 1)
+        if keep == len(seq) and all(p in memo for p in wanted):
+            self.truncate(group, keep)               # e.g. rolled back into a draft: logits already known
+            return torch.stack([memo[p] for p in wanted], dim=1)
+        self.truncate(group, min(keep, len(seq) - n_logits))
+        return None
+
+    def truncate(self, group: Group, length: int) -> None:
+        """Roll the group's cache back to its first `length` tokens."""
+        cached = self.cached(group)
+        if not 0 <= length <= len(cached):
+            raise ValueError(f"cannot truncate group {group!r} of length {len(cached)} to {length}")
+        if length < len(cached):
+            self.backend.crop(self._caches[group], len(cached) - length)
+            self._tokens[group] = cached[:length]
+            memo = self._memo.get(group, {})
+            for p in [p for p in memo if p > length]:
+                del memo[p]
+
+

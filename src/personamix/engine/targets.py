@@ -1,0 +1,252 @@
+"""The math of multi-personality targets: weights, logits processing, aggregation, bounds.
+
+Notation (MPG paper, Sec. 3). A reference model pi_ref and N preference models pi_i
+(DPO fine-tunes of pi_ref). For a continuation C (one token or a chunk) after prefix Y the
+log density ratio of model i is
+
+    l_i(C|Y) = log pi_i(C|Y) - log pi_ref(C|Y)                                  (eq. 1)
+
+and an aggregation of the ratios with user weights alpha_i gives the score S(C|Y):
+
+    linear    S = log sum_i alpha_i exp(l_i)         (the paper's target, eq. 4)
+    geometric S = sum_i alpha_i l_i                  (MOD-style product of experts)
+
+The target is pi*(C|Y) proportional to pi_ref(C|Y) exp(S(C|Y)). At the token level this is
+
+    p*(t|Y) = pi_ref(t|Y) exp(S(t|Y)) / Z(Y)                                      (eq. 5)
+
+For `linear` with alpha_i >= 0 summing to 1 it is the mixture sum_i alpha_i pi_i(t|Y); for
+`geometric` it is pi_ref^(1 - sum alpha) * prod_i pi_i^alpha_i, renormalised.
+
+Everything in this module is pure tensor math without models, so samplers and tests share
+one definition of the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..errors import PersonamixError
+from ..mbti import parse_persona
+
+Aggregation = Literal["linear", "geometric"]
+AGGREGATIONS: tuple[str, ...] = ("linear", "geometric")
+
+#: Floor for the linear score when sum_i alpha_i exp(l_i) <= 0 (possible with negative
+#: weights). exp(-30) ~ 1e-13: the clamped continuation keeps a vanishing but finite share
+#: of the target, so logs, ratios and bounds stay finite. Every clamp is counted in the
+#: sampler's stats (`clamps`).
+CLAMP_FLOOR = -30.0
+
+@dataclass(frozen=True)
+class Target:
+    """A fully specified multi-personality target.
+
+    names:        preference-model names, in backend row order (row i+1 is names[i]).
+    weights:      alpha_i for each name (0 for a model that takes no part).
+    aggregation:  "linear" (paper) or "geometric" (MOD-style).
+    temperature:  divides every model's logits before ratios are formed (> 0).
+    top_k/top_p:  optional truncation of the reference (proposal) distribution; every model is
+                  restricted to, and renormalised on, the same support before ratios are formed,
+                  so all samplers share one target. 0 / 1.0 mean off.
+    clamp_floor:  the linear floor, see CLAMP_FLOOR.
+    """
+
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    aggregation: Aggregation = "linear"
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    clamp_floor: float = CLAMP_FLOOR
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise PersonamixError(
+                f"unknown aggregation {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
+            )
+        if len(self.names) != len(self.weights):
+            raise PersonamixError("Target needs one weight per preference model")
+        if self.names:  # the `base` method has no preference models and no weights
+            check_weights(dict(zip(self.names, self.weights)), self.aggregation)
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise PersonamixError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise PersonamixError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise PersonamixError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+    def weight_tensor(self, device: torch.device | str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.tensor(self.weights, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights and personas
+# ---------------------------------------------------------------------------------------------
+
+def resolve_weights(available: Sequence[str], persona: str | None = None,
+                    weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Turn a persona shorthand or an explicit weight map into {name: alpha} over `available`.
+
+    `persona="ENTJ"` puts equal weights 1/4 on the models named E, N, T and J. Exactly one of
+    persona / weights may be given; with neither, every model gets an equal weight.
+    """
+    if persona is not None and weights is not None:
+        raise PersonamixError("give either persona= or weights=, not both")
+    if not available:
+        raise PersonamixError("no preference models are loaded: a persona or weights need adapters "
+                              "(use method='base' for the reference alone)")
+    if persona is not None:
+        letters = parse_persona(persona)
+        missing = [c for c in letters if c not in available]
+        if missing:
+            raise PersonamixError(
+                f"persona {persona!r} needs adapter(s) named {', '.join(missing)}; loaded: "
+                f"{', '.join(available)}"
+            )
+        return {c: 1.0 / len(letters) for c in letters}
+    if weights is None:
+        return {name: 1.0 / len(available) for name in available}
+    if not isinstance(weights, Mapping) or not weights:
+        raise PersonamixError("weights must be a non-empty mapping {adapter name: weight}")
+    unknown = [n for n in weights if n not in available]
+    if unknown:
+        raise PersonamixError(f"weights name unknown adapter(s) {', '.join(map(str, unknown))}; "
+                              f"loaded: {', '.join(available)}")
+    out = {}
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise PersonamixError(f"weight for {name!r} must be a number, got {w!r}")
+        out[name] = float(w)
+    return out
+
+
+def check_weights(weights: Mapping[str, float], aggregation: str) -> None:
+    """Raise unless the weights define a target distribution for this aggregation.
+
+    Any finite reals, not all zero. `linear` also needs a positive weight: with every
+    alpha_i <= 0 the sum sum_i alpha_i exp(l_i) is <= 0 for every continuation.
+    """
+    values = list(weights.values())
+    if any(not math.isfinite(w) for w in values):
+        raise PersonamixError(f"weights must be finite numbers, got {dict(weights)}")
+    if all(w == 0 for w in values):
+        raise PersonamixError("weights are all zero: they cannot form a target distribution")
+    if aggregation == "linear" and not any(w > 0 for w in values):
+        raise PersonamixError(
+            "linear aggregation needs at least one positive weight: with all weights <= 0, "
+            "sum_i alpha_i r_i is never positive and no distribution is left "
+            f"(got {dict(weights)}; use aggregation='geometric' for purely negative steering)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits -> log-probabilities on a shared support
+# ---------------------------------------------------------------------------------------------
+
+def log_probs(logits: torch.Tensor, target: Target, support: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities of every row of `logits` [R, ..., V] under the target's sampling settings.
+
+    Temperature divides every row. Top-k / top-p are decided on the reference (the proposal):
+    on row 0 of `logits` unless `support` (a bool mask [..., V], e.g. `isfinite` of reference
+    log-probs computed elsewhere) is given, and the same support is imposed on every row before
+    renormalising, so the ratios l_i compare distributions on one support. Off-support: -inf.
+    """
+    x = logits.float() / target.temperature
+    if support is None and (target.top_k or target.top_p < 1.0):
+        support = _support(x[0], target.top_k, target.top_p)
+    if support is not None:
+        x = x.masked_fill(~support, float("-inf"))
+    return torch.log_softmax(x, dim=-1)
+
+
+def _support(ref_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    keep = torch.ones_like(ref_logits, dtype=torch.bool)
+    if top_k and top_k < ref_logits.shape[-1]:
+        kth = torch.topk(ref_logits, top_k, dim=-1).values[..., -1:]
+        keep &= ref_logits >= kth
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(ref_logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(keep).scatter(-1, order, drop_sorted)
+        keep &= ~drop
+    return keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+def aggregate(log_ratios: torch.Tensor, weights: torch.Tensor, aggregation: str,
+              floor: float = CLAMP_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
+    """S from log ratios `log_ratios` [N, ...] and weights [N]; returns (S [...], clamped [...]).
+
+    linear:    S = log sum_i alpha_i exp(l_i), with signs handled stably:
+               P = logsumexp_{alpha_i>0}(log alpha_i + l_i), Q = logsumexp_{alpha_i<0}(log|alpha_i| + l_i),
+               S = P + log(1 - exp(Q - P)) when Q < P, else clamped to `floor`.
+    geometric: S = sum_i alpha_i l_i (never clamped).
+    """
+    w = weights.to(log_ratios.dtype).view(-1, *([1] * (log_ratios.dim() - 1)))
+    if aggregation == "geometric":
+        s = (w * log_ratios).sum(0)
+        return s, torch.zeros_like(s, dtype=torch.bool)
+    if aggregation != "linear":
+        raise PersonamixError(f"unknown aggregation {aggregation!r}")
+    if not bool((weights < 0).any()):   # the usual case: Q = -inf, so S = P exactly and nothing is clamped
+        keep = (weights > 0).nonzero().view(-1)
+        s = torch.logsumexp(torch.log(w[keep]) + log_ratios[keep], dim=0)
+        return s, torch.zeros_like(s, dtype=torch.bool)
+    neg_inf = torch.tensor(float("-inf"), dtype=log_ratios.dtype, device=log_ratios.device)
+    log_w = torch.log(w.abs())  # -inf where alpha_i == 0: those models drop out
+    pos = torch.logsumexp(torch.where(w > 0, log_w + log_ratios, neg_inf), dim=0)
+    neg = torch.logsumexp(torch.where(w < 0, log_w + log_ratios, neg_inf), dim=0)
+    clamped = ~(neg < pos)
+    diff = torch.where(clamped, torch.full_like(pos, -1.0), neg - pos)  # any negative number: masked below
+    s = pos + torch.log(-torch.expm1(diff))
+    s = torch.where(clamped, torch.full_like(s, floor), s)
+    return s, clamped
+
+
+def token_scores(logp: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level S(t|Y) over the vocabulary from log-probs [N+1, ..., V] (row 0 = reference).
+
+    Off-support tokens (reference log-prob -inf) get l_i = 0, so S is finite there; their
+    target log-probability stays -inf through the reference term.
+    """
+    ref = logp[0]
+    on = torch.isfinite(ref)
+    log_ratios = torch.where(on, logp[1:] - ref, torch.zeros_like(logp[1:]))
+    return aggregate(log_ratios, target.weight_tensor(logp.device, logp.dtype), target.aggregation,
+                     target.clamp_floor)
+
+
+def token_target(logp: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log p*(t|Y) (eq. 5) over the vocabulary; returns (log p* [..., V], S [..., V], clamped)."""
+    s, clamped = token_scores(logp, target)
+    return torch.log_softmax(logp[0] + s, dim=-1), s, clamped
+
+
+def chunk_scores(logp_ref: torch.Tensor, logp_prefs: torch.Tensor, chunk: torch.Tensor,
+                 target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """S of every prefix C_{1:j}, j = 1..k, of a drafted chunk.
+
+    logp_ref [k, V] and logp_prefs [N, k, V] are the models' log-probs at the k chunk
+    positions; chunk [k] the drafted tokens. A prefix's log ratio is the sum of its token log
+    ratios: l_i(C_{1:j}|Y) = sum_{m<=j} log pi_i(c_m|Y,C_{<m}) - log pi_ref(c_m|Y,C_{<m}).
+    Returns (S [k], clamped [k]).
+    """
+    idx = chunk.view(1, -1, 1)
+    ref_tok = logp_ref.gather(-1, idx[0]).squeeze(-1)                                   # [k]
+    pref_tok = logp_prefs.gather(-1, idx.expand(logp_prefs.shape[0], -1, 1)).squeeze(-1)  # [N, k]
+    cum = (pref_tok - ref_tok).cumsum(dim=-1)                                           # [N, k]
+    return aggregate(cum, target.weight_tensor(cum.device, cum.dtype), target.aggregation,
+                     target.clamp_floor)

@@ -1,0 +1,131 @@
+"""Tiny random models for tests, benchmarks and examples: a real LlamaForCausalLM with a handful
+of tokens, a real word-level tokenizer (optionally with a chat template), and real PEFT LoRA
+adapters saved as adapter directories. Nothing here is trained: use them for mechanics, speed
+and exactness checks, not for text."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = ["a", "b", "c", "d", "e", "f", "g", "h"]
+
+
+def tiny_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+    words = WORDS[:vocab]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0])
+
+
+def tiny_model(vocab: int = 5, hidden: int = 16, layers: int = 1, seed: int = 0,
+               max_positions: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=max_positions, tie_word_embeddings=False,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # peaked, varied next-token distributions
+        model.lm_head.weight.mul_(10.0)
+        model.model.embed_tokens.weight.mul_(20.0)
+    return model.eval()
+
+
+def save_tiny(path, vocab: int = 5, **kw):
+    model = tiny_model(vocab, **kw)
+    model.save_pretrained(path)
+    tiny_tokenizer(vocab).save_pretrained(path)
+    return path
+
+
+def save_lora(base_dir, out_dir, seed: int, r: int = 4, scale: float = 0.5,
+              targets=("q_proj", "v_proj", "o_proj", "down_proj")):
+    """A random (non-zero) LoRA adapter on the model saved at base_dir."""
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(1000 + seed)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    peft_model.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+CHAT_WORDS = ["<unk>", "<pad>", "</s>", "user", "assistant", "loud", "party", "friends", "quiet", "alone", "book",
+         "what", "do", "you", "like", "today", "now"]
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}assistant {% endif %}")
+
+
+def save_chat_tiny(path, hidden: int = 16, seed: int = 0, layers: int = 1, max_positions: int = 64,
+                   words: list[str] = CHAT_WORDS):
+    """A tiny Llama whose word-level tokenizer has a chat template and an end-of-sequence token."""
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    tokenizer.chat_template = TEMPLATE
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=max_positions,
+                      eos_token_id=2, pad_token_id=1, bos_token_id=None, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness: a sampler's distribution over whole sequences against the target, by enumeration
+# ---------------------------------------------------------------------------------------------
+
+PROMPT = [0, 1, 2, 1]
+
+
+def sequence_distribution(gen, weights, aggregation, length, reference=False, prompt=PROMPT):
+    """Exact P(x_1..x_length) under the token-level target p* (or pi_ref), by enumeration."""
+    from .engine.session import Session
+    from .engine.targets import Target, log_probs, token_target
+
+    target = Target(names=tuple(weights), weights=tuple(weights.values()), aggregation=aggregation)
+    session = Session(gen.backend, target.names)
+    out = {}
+    for seq in itertools.product(range(gen.backend.vocab_size), repeat=length):
+        logp_total = 0.0
+        for j in range(length):
+            logp = log_probs(session.logits("all", list(prompt) + list(seq[:j]))[:, -1], target)
+            step = logp[0] if reference else token_target(logp, target)[0]
+            logp_total += float(step[seq[j]])
+        out[seq] = math.exp(logp_total)
+    return out
+
+
+def empirical(gen, n, length, prompt=PROMPT, **kw):
+    """The empirical distribution of n seeded generations of `length` tokens."""
+    counts = Counter(tuple(gen.generate(list(prompt), max_new_tokens=length, seed=i, ignore_eos=True, **kw).token_ids)
+                     for i in range(n))
+    return {x: c / n for x, c in counts.items()}
+
+
+def tv(p, q):
+    """Total-variation distance of two distributions given as {outcome: probability}."""
+    return 0.5 * sum(abs(p.get(x, 0.0) - q.get(x, 0.0)) for x in set(p) | set(q))
+
+
+def tv_bound(p, n, delta=1e-4):
+    """A TV that n samples of an exact sampler of p exceed with probability < delta. TV(empirical, p)
+    is (1/n)-Lipschitz in each sample, so by McDiarmid P(TV >= E[TV] + t) <= exp(-2 n t^2), and
+    E[TV] <= 1/2 sum_x sqrt(p(x)(1 - p(x)) / n)."""
+    return 0.5 * sum(math.sqrt(v * (1 - v) / n) for v in p.values()) + math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+__all__ = ["sequence_distribution", "empirical", "tv", "tv_bound", "tiny_tokenizer", "tiny_model", "save_tiny",
+           "save_lora", "save_chat_tiny", "CHAT_WORDS"]
