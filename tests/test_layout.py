@@ -13,7 +13,7 @@ ALLOWED = {
     "errors": set(),
     "mbti": {"errors"},
     "loading": {"errors"},
-    "testing": {"errors", "engine"},
+    "testing": {"errors", "engine", "loading"},
     "adapters": {"errors", "loading", "mbti"},
     "engine": {"errors", "mbti"},
     "backends": {"errors", "mbti", "loading", "engine"},

@@ -15,6 +15,21 @@ class SettingError(PersonamixError):
         self.param = param
 
 
+class EngineError(PersonamixError):
+    """A remote inference engine failed a call; `status` is the HTTP status a front answers with:
+    503 unreachable, 504 timed out, 502 any other engine failure."""
+
+    status = 502
+
+
+class EngineUnreachable(EngineError):
+    status = 503
+
+
+class EngineTimeout(EngineError):
+    status = 504
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, for wrapping it in one of ours; the exception's
     type when it has no message (some libraries raise bare exceptions)."""

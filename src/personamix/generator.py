@@ -22,7 +22,7 @@ from .engine.samplers import METHODS
 from .engine.session import Backend, Session
 from .engine.stats import Stats
 from .engine.targets import Target, resolve_weights
-from .errors import PersonamixError
+from .errors import PersonamixError, first_line
 from .loading import DEFAULT_MODEL, load_reference, pick_device
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
@@ -124,6 +124,33 @@ class Generator:
                                   f"{ref.config.get_text_config().vocab_size} embeddings")
         return cls(build_backend(ref, tokenizer, adapters, backend, dtype, onednn), tokenizer, _eos_ids(ref, tokenizer))
 
+    @classmethod
+    def from_engine(cls, url: str, adapters: Sequence[str] | None = None, *, tokenizer: str | None = None,
+                    timeout: float = 60.0, retries: int = 2, api_key: str | None = None) -> Generator:
+        """Use models served by an inference engine (vLLM's OpenAI-compatible server at `url`):
+        its base model is the reference and its LoRA adapters named in `adapters` (default: all it
+        serves) are the preference models; personamix samples over HTTP (backends/remote.py).
+        `tokenizer`: a local copy of the model's tokenizer (alias, directory or hub id); default: the
+        engine's model directory when it is on this machine, else the engine's /tokenize. A local
+        tokenizer is checked against the engine's. Every call times out after `timeout` seconds and
+        is retried `retries` times."""
+        from .backends.remote import EngineTokenizer, RemoteBackend
+        from .backends.vllm_engine import VllmEngine
+
+        client = VllmEngine(url, timeout=timeout, retries=retries, api_key=api_key)
+        try:
+            tok, eos = _engine_tokenizer(client, tokenizer)
+            if tok is None:
+                eos = _engine_eos(client)
+                tok, vocab = EngineTokenizer(client, eos), 2**31 - 1   # the engine checks token ids itself
+            else:
+                vocab = len(tok)
+            backend = RemoteBackend(client, client.info.adapters if adapters is None else list(adapters), vocab)
+        except BaseException:
+            client.close()
+            raise
+        return cls(backend, tok, eos)
+
     @property
     def adapter_names(self) -> tuple[str, ...]:
         return self.backend.names
@@ -163,10 +190,7 @@ class Generator:
         return ids
 
     def _apply_template(self, messages: list) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(out, Mapping):      # transformers 5 returns a BatchEncoding
-            out = out["input_ids"]
-        return list(out)
+        return _chat_ids(self.tokenizer, messages)
 
     # -- generation --------------------------------------------------------------------------
 
@@ -198,6 +222,7 @@ class Generator:
                       **settings: Any) -> tuple[Iterator[list[int]], _Run]:
         """The token-level stream under `stream`: (iterator of committed token lists, run record)."""
         params = SamplingParams.from_kwargs(params, **settings)
+        self.backend.check(params)
         if params.method == "base":
             alphas: dict[str, float] = {}
         else:
@@ -236,7 +261,7 @@ class Generator:
                         break
                 run.token_ids.extend(out)
                 stats.new_tokens = len(run.token_ids)
-                stats.forward_passes = session.forward_passes
+                stats.forward_passes, stats.round_trips = session.forward_passes, session.round_trips
                 stats.elapsed_s = time.perf_counter() - start
                 if out:
                     yield out
@@ -244,8 +269,67 @@ class Generator:
                     break
         finally:
             sampler.close()
-            stats.forward_passes = session.forward_passes
+            stats.forward_passes, stats.round_trips = session.forward_passes, session.round_trips
             stats.elapsed_s = time.perf_counter() - start
+
+
+def _chat_ids(tokenizer, messages: list) -> list[int]:
+    """Token ids of chat messages with the tokenizer's chat template and a generation prompt."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(out, Mapping):      # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def _engine_tokenizer(client, name: str | None):
+    """(local tokenizer, EOS ids) matching the engine's, or (None, None) when none is at hand."""
+    import os
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .loading import resolve_model
+
+    source = resolve_model(name) if name is not None else client.info.root
+    if source is None:
+        return None, None
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except Exception as e:   # not local and no hub: the engine's own tokenizer will do
+        if name is not None:
+            raise PersonamixError(f"cannot load the tokenizer {name!r}: {first_line(e)}") from None
+        return None, None
+    probe = [{"role": "user", "content": "Hi! Ünïcödé, numbers 12345 and <tags>?"}]
+    local = _chat_ids(tok, probe) if getattr(tok, "chat_template", None) else tok(probe[0]["content"])["input_ids"]
+    remote = client.tokenize(messages=probe) if getattr(tok, "chat_template", None) else \
+        client.tokenize(text=probe[0]["content"])
+    if local != remote:
+        raise PersonamixError(
+            f"the tokenizer {source!r} does not match the engine's (a probe message is {local[:12]}... here and "
+            f"{remote[:12]}... on the engine, serving {client.info.base!r}): ratios pi_i/pi_ref need one vocabulary; "
+            "pass tokenizer= the engine model's tokenizer")
+    ids: list[int] = []
+    config = None
+    if os.path.isdir(source):
+        try:
+            config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            config = None
+    for value in (getattr(config, "eos_token_id", None), tok.eos_token_id):
+        if value is not None:
+            ids.extend(value if isinstance(value, (list, tuple)) else [value])
+    return tok, sorted(set(int(i) for i in ids))
+
+
+def _engine_eos(client) -> list[int]:
+    """EOS ids from the engine's tokenizer info (vLLM: --enable-tokenizer-info-endpoint); [] when
+    it does not say (generations then end at max_new_tokens)."""
+    info = client.tokenizer_info() or {}
+    eos = info.get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if isinstance(eos, str):
+        return client.tokenize(text=eos)[-1:]
+    return []
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -127,5 +128,135 @@ def tv_bound(p, n, delta=1e-4):
     return 0.5 * sum(math.sqrt(v * (1 - v) / n) for v in p.values()) + math.sqrt(math.log(1 / delta) / (2 * n))
 
 
+
+
+
+# ---------------------------------------------------------------------------------------------
+# A real vLLM server for the remote backend's tests and benchmarks (CPU build, its own venv)
+# ---------------------------------------------------------------------------------------------
+
+#: PEFT module names -> vLLM's (it packs q/k/v and gate/up). Serving LoRA on only the adapters'
+#: modules keeps vLLM 0.32 from wrapping lm_head in its LoRA logits processor, which crashes the
+#: engine when a prompt_logprobs request shares a batch with another request (docs/scale-out.md).
+VLLM_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                "up_proj": "gate_up_proj"}
+
+
+def vllm_python() -> Path:
+    """The Python of the vLLM venv: $PERSONAMIX_VLLM_PYTHON, else <cache>/vllm-venv (`make vllm`)."""
+    import os
+
+    from .loading import cache_dir
+
+    env = os.environ.get("PERSONAMIX_VLLM_PYTHON")
+    return Path(env) if env else cache_dir() / "vllm-venv" / "bin" / "python"
+
+
+class VllmServer:
+    """`python -m vllm.entrypoints.openai.api_server` serving `model` (a directory) under `name`
+    with LoRA `adapters` {name: dir} on 127.0.0.1, its log in `log_path`; `block_size` 32: vLLM's CPU
+    default (128) leaves contexts shorter than a block out of its prefix cache. Start with `start()`
+    (returns when /health answers, within `startup_s`); `pause()` / `resume()` stop and continue
+    the process (a stalled engine); `stop()` ends it."""
+
+    def __init__(self, model: str, name: str, adapters: dict[str, str], *, port: int | None = None,
+                 max_logprobs: int = 20, max_model_len: int = 2048, block_size: int | None = 32,
+                 extra: tuple[str, ...] = (),
+                 log_path: str | Path | None = None, startup_s: float = 600.0):
+        import socket
+        import tempfile
+
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port, self.url = port, f"http://127.0.0.1:{port}/v1"
+        import json
+
+        rank, modules = 8, set()
+        for path in adapters.values():
+            cfg = Path(path) / "adapter_config.json"
+            if cfg.is_file():
+                cfg = json.loads(cfg.read_text())
+                rank = max(rank, int(cfg.get("r", 8)))
+                modules |= {VLLM_MODULES.get(m, m) for m in cfg.get("target_modules") or ()}
+        self.cmd = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                    "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
+                    "--max-model-len", str(max_model_len), "--dtype", "float32", "--max-logprobs", str(max_logprobs),
+                    "--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(max(1, min(len(adapters), 8))),
+                    "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()],
+                    *(["--lora-target-modules", *sorted(modules)] if modules else []),
+                    *(["--block-size", str(block_size)] if block_size else []), *extra]
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="vllm-")) / "server.log"
+        self.startup_s = startup_s
+        self.proc = None
+
+    def start(self) -> VllmServer:
+        import os
+        import subprocess
+        import time
+
+        import httpx
+
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + self.startup_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode} while starting; log: {self.log_path}\n"
+                                   + self.log_tail())
+            try:
+                if httpx.get(self.url.removesuffix("/v1") + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"vLLM did not start within {self.startup_s:.0f} s; log: {self.log_path}\n"
+                           + self.log_tail())
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def pause(self) -> None:
+        import os
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import os
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, OSError):
+                pass
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+    def kill(self) -> None:
+        import os
+        import signal
+
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
 __all__ = ["sequence_distribution", "empirical", "tv", "tv_bound", "tiny_tokenizer", "tiny_model", "save_tiny",
-           "save_lora", "save_chat_tiny", "CHAT_WORDS"]
+           "save_lora", "save_chat_tiny", "CHAT_WORDS", "VllmServer", "vllm_python"]

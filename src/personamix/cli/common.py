@@ -56,6 +56,34 @@ def add_model_flags(p: argparse.ArgumentParser, adapters_help: str = "") -> None
     p.add_argument("--no-onednn", action="store_true", help="CPU: keep PyTorch's linear kernels (see README, Backends)")
 
 
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference engine (instead of loading the models in this process)")
+    g.add_argument("--engine", metavar="URL", default=None,
+                   help="a vLLM OpenAI-compatible server (http://host:port/v1) serving the reference as its base "
+                        "model and the preference models as LoRA adapters; personamix samples over HTTP")
+    g.add_argument("--engine-adapters", metavar="NAMES", default=None,
+                   help="comma-separated adapter names as the engine serves them (default: all it serves)")
+    g.add_argument("--tokenizer", default=None,
+                   help="a local copy of the engine model's tokenizer (alias, directory or hub id; default: the "
+                        "engine's model directory if it is on this machine, else the engine's /tokenize)")
+    g.add_argument("--engine-timeout", type=float, default=60.0,
+                   help="seconds per engine call; a failed call is retried twice with backoff (default: 60)")
+
+
+def load_generator(a: argparse.Namespace, want_default_adapters: bool = True):
+    """The Generator the flags describe: models loaded here, or an engine's (--engine)."""
+    from ..generator import Generator
+
+    if getattr(a, "engine", None):
+        if a.adapter or a.adapters:
+            raise PersonamixError("with --engine the engine serves the adapters: name them with --engine-adapters "
+                                  "(not --adapter / --adapters)")
+        names = [x.strip() for x in (a.engine_adapters or "").split(",") if x.strip()] or None
+        return Generator.from_engine(a.engine, names, tokenizer=a.tokenizer, timeout=a.engine_timeout)
+    return Generator.from_pretrained(a.model, adapters=adapters_from(a, want_default_adapters), backend=a.backend,
+                                     device=a.device, onednn=not a.no_onednn)
+
+
 def adapters_from(a: argparse.Namespace, want_default: bool = True) -> dict[str, str]:
     """--adapter entries over --adapters sets; the shipped MBTI poles for the default model."""
     adapters = parse_adapters(a.adapter)

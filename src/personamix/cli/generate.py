@@ -6,13 +6,14 @@ import argparse
 import json
 import sys
 
-from .common import adapters_from, add_model_flags, add_sampling_flags, params_from, stream_to
+from .common import add_engine_flags, add_model_flags, add_sampling_flags, load_generator, params_from, stream_to
 
 
 def register(sub) -> None:
     g = sub.add_parser("generate", help="generate text with a persona / weights")
     g.add_argument("prompt")
     add_model_flags(g)
+    add_engine_flags(g)
     g.add_argument("--no-chat-template", action="store_true", help="tokenize the prompt as plain text")
     g.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token ids, stats) instead of streaming")
@@ -22,16 +23,16 @@ def register(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> None:
-    from ..generator import Generator
-
     params = params_from(a)      # bad settings fail before the model loads
-    gen = Generator.from_pretrained(a.model, adapters=adapters_from(a, params.method != "base"), backend=a.backend,
-                                    device=a.device, onednn=not a.no_onednn)
+    gen = load_generator(a, want_default_adapters=params.method != "base")
     if a.json:
         result = gen.generate(a.prompt, params, chat_template=not a.no_chat_template)
         print(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
                           "weights": result.weights, "seed": result.seed, "stats": result.stats.to_dict()}))
         return
-    result = stream_to(sys.stdout, gen, a.prompt, params, chat_template=not a.no_chat_template)
+    try:
+        result = stream_to(sys.stdout, gen, a.prompt, params, chat_template=not a.no_chat_template)
+    finally:
+        gen.backend.close()
     if a.stats:
         print(result.stats.summary(), file=sys.stderr)

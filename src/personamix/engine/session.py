@@ -16,6 +16,7 @@ it, whether the models are in this process (backends/) or behind a server.
 
 from __future__ import annotations
 
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, Literal
@@ -44,6 +45,12 @@ class Backend(ABC):
     fuses_groups: ClassVar[bool] = False
     #: concurrent generations (threads) share forwards; `forwards` / `calls` count them
     shares_forwards: ClassVar[bool] = False
+    #: the models run on an inference engine that samples drafts and scores given tokens itself
+    #: (`sample`, `propose`, `score`, `score_next`: backends/remote.py); scr and
+    #: token-rs then take their scores-only form
+    scores_remotely: ClassVar[bool] = False
+    #: `forward` can return whole next-token distributions (always, in this process)
+    full_distributions: bool = True
 
     @abstractmethod
     def new_cache(self, group: Group, names: Sequence[str]) -> object:
@@ -59,6 +66,15 @@ class Backend(ABC):
     @abstractmethod
     def crop(self, cache: object, n_remove: int) -> None:
         """Forget the last n_remove tokens of `cache`."""
+
+    def check(self, params) -> None:
+        """Raise PersonamixError if this backend cannot run a generation with these SamplingParams
+        (called before the generation starts, so a server can answer 400 instead of failing mid-stream)."""
+        return None
+
+    def close(self) -> None:
+        """Release what the backend holds (connections, threads); the models stay usable in-process."""
+        return None
 
     def forward_together(self, calls: Sequence[tuple[Group, torch.Tensor, object, int]],
                          names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
@@ -85,11 +101,44 @@ class Session:
         unknown = [n for n in self.names if n not in backend.names]
         if unknown:
             raise PersonamixError(f"unknown preference model(s) {', '.join(unknown)}")
-        self.forward_passes = 0
+        self.id = uuid.uuid4().hex  # one generation's calls carry it (a router can keep them on one replica)
+        self.forward_passes = 0   # model forwards (engine requests, for a remote backend)
+        self.round_trips = 0      # waits on an engine (concurrent requests count once)
         self._caches: dict[str, object] = {}
         self._tokens: dict[str, list[int]] = {}
         # group -> {p: logits [rows, V] after the first p cached tokens}; valid while those stay cached
         self._memo: dict[str, dict[int, torch.Tensor]] = {}
+
+    @property
+    def scores_remotely(self) -> bool:
+        """The models run on an inference engine: sample / score / score_next instead of logits."""
+        return self.backend.scores_remotely
+
+    # -- scores-only calls (backends.remote): each counts its engine requests and one round trip
+
+    def sample(self, seq: Sequence[int], max_tokens: int, **settings):
+        """The engine's continuation of the reference: Sampled(tokens, their log-probs)."""
+        self._count(1)
+        return self.backend.sample(seq, max_tokens, session=self.id, **settings)
+
+    def propose(self, seq: Sequence[int], n: int, *, seed: int):
+        """n single-token proposals from the reference: Sampled(tokens, their log-probs)."""
+        self._count(1)
+        return self.backend.propose(seq, n, seed=seed, session=self.id)
+
+    def score(self, seq: Sequence[int], n_last: int) -> torch.Tensor:
+        """[N, n_last] log-probs of the last n_last tokens of seq under the session's preference models."""
+        self._count(len(self.names))
+        return self.backend.score(self.names, seq, n_last, session=self.id)
+
+    def score_next(self, seq: Sequence[int], token_ids: Sequence[int]) -> torch.Tensor:
+        """[N, U] log-probs of each token in token_ids after seq, under the session's preference models."""
+        self._count(len(self.names))
+        return self.backend.score_next(self.names, seq, token_ids, session=self.id)
+
+    def _count(self, calls: int) -> None:
+        self.forward_passes += calls
+        self.round_trips += 1
 
     def cached(self, group: Group) -> list[int]:
         """The tokens whose keys/values the group's cache holds."""
@@ -130,6 +179,7 @@ class Session:
             logits, passes = self.backend.forward(g, new, self._caches[g], n, self.names)
             logits = [logits]
         self.forward_passes += passes
+        self.round_trips += self.backend.scores_remotely
         for (i, group, seq, _, n_logits), lg in zip(todo, logits):
             self._tokens[group] = list(seq)
             memo = self._memo.setdefault(group, {})

@@ -19,6 +19,8 @@ class Stats:
     fallback_tokens: scr tokens that came from the single-token fallback (Token-RS).
     rs_exhausted: Token-RS rounds that hit max_retries and sampled the exact target directly.
     warmup_chunks: scr chunks verified with the exact per-token bound before the window is used.
+    round_trips: waits on an inference engine (remote backend; concurrent requests count once);
+        forward_passes then counts engine requests.
     """
 
     method: str
@@ -34,6 +36,7 @@ class Stats:
     fallback_tokens: int = 0
     rs_exhausted: int = 0
     warmup_chunks: int = 0
+    round_trips: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -58,7 +61,10 @@ class Stats:
     def summary(self) -> str:
         parts = [f"{self.method}: {self.new_tokens} tokens in {self.elapsed_s:.2f}s "
                  f"({self.tokens_per_s:.1f} tok/s)"]
-        if self.forward_passes_per_token is not None:
+        if self.round_trips:
+            parts.append(f"{self.forward_passes_per_token:.2f} engine requests/token, "
+                         f"{self.round_trips / max(self.new_tokens, 1):.2f} round trips/token")
+        elif self.forward_passes_per_token is not None:
             parts.append(f"{self.forward_passes_per_token:.2f} forward passes/token")
         if self.acceptance_rate is not None:
             parts.append(f"acceptance {self.acceptance_rate:.1%} ({self.accepted}/{self.proposals})")

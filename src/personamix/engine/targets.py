@@ -237,16 +237,20 @@ def token_target(logp: torch.Tensor, target: Target) -> tuple[torch.Tensor, torc
 
 def chunk_scores(logp_ref: torch.Tensor, logp_prefs: torch.Tensor, chunk: torch.Tensor,
                  target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-    """S of every prefix C_{1:j}, j = 1..k, of a drafted chunk.
-
-    logp_ref [k, V] and logp_prefs [N, k, V] are the models' log-probs at the k chunk
-    positions; chunk [k] the drafted tokens. A prefix's log ratio is the sum of its token log
-    ratios: l_i(C_{1:j}|Y) = sum_{m<=j} log pi_i(c_m|Y,C_{<m}) - log pi_ref(c_m|Y,C_{<m}).
-    Returns (S [k], clamped [k]).
-    """
+    """S of every prefix C_{1:j}, j = 1..k, of a drafted chunk, from the models' log-probs at the
+    k chunk positions: logp_ref [k, V], logp_prefs [N, k, V]; chunk [k] the drafted tokens.
+    Returns (S [k], clamped [k]); see prefix_scores."""
     idx = chunk.view(1, -1, 1)
     ref_tok = logp_ref.gather(-1, idx[0]).squeeze(-1)                                   # [k]
     pref_tok = logp_prefs.gather(-1, idx.expand(logp_prefs.shape[0], -1, 1)).squeeze(-1)  # [N, k]
+    return prefix_scores(ref_tok, pref_tok, target)
+
+
+def prefix_scores(ref_tok: torch.Tensor, pref_tok: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+    """S of every prefix C_{1:j} of a chunk from its tokens' log-probs: ref_tok [k] under pi_ref,
+    pref_tok [N, k] under each pi_i. A prefix's log ratio is the sum of its token log ratios:
+    l_i(C_{1:j}|Y) = sum_{m<=j} log pi_i(c_m|Y,C_{<m}) - log pi_ref(c_m|Y,C_{<m}).
+    Returns (S [k], clamped [k])."""
     cum = (pref_tok - ref_tok).cumsum(dim=-1)                                           # [N, k]
     return aggregate(cum, target.weight_tensor(cum.device, cum.dtype), target.aggregation,
                      target.clamp_floor)

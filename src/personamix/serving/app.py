@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
-from ..errors import PersonamixError, SettingError
+from ..errors import EngineError, EngineTimeout, EngineUnreachable, PersonamixError, SettingError
 from ..generator import Generator, TextStream
 from .protocol import ChatRequest, ChatShape, CompletionRequest, CompletionShape, error_body, settings_schema
 from .protocol import Request as ApiRequest
@@ -139,7 +139,7 @@ class EventStream:
                 put("piece", piece)
             put("end", None)
         except Exception as e:   # reported to the client as an error event
-            put("error", str(e))
+            put("error", e)
         finally:
             self.stream.close()
             self.slot.release()
@@ -215,6 +215,8 @@ class Server:
                                    chat_template=not isinstance(prompt, str))
         except SettingError as e:
             raise ApiError(400, str(e), e.param) from None
+        except EngineError as e:
+            raise engine_error(e) from None
         except PersonamixError as e:
             raise ApiError(400, str(e)) from None
 
@@ -232,6 +234,8 @@ class Server:
             return SSEResponse(self.sse(events, rid, shape), on_close=events.close)
         try:
             await loop.run_in_executor(self.workers, _drain, stream)
+        except EngineError as e:      # the engine behind a remote backend failed mid-generation
+            raise engine_error(e) from None
         finally:
             slot.release()
         r = stream.result
@@ -249,7 +253,8 @@ class Server:
             if kind == "piece":
                 yield sse_event(shape.chunk(rid, self.created, self.model_id, value, None))
             elif kind == "error":
-                yield sse_event(error_body(value, kind="server_error"))
+                e = engine_error(value) if isinstance(value, EngineError) else None
+                yield sse_event(error_body(str(value), code=e.code if e else None, kind="server_error"))
                 return
             else:
                 r = events.stream.result
@@ -271,13 +276,20 @@ class Server:
                     for name in gen.adapter_names]
         return {"object": "list", "data": entries}
 
-    def health(self) -> dict:
+    def health(self) -> JSONResponse:
         backend = self.gen.backend
         body = {"status": "ok", "model": self.model_id, "adapters": list(self.gen.adapter_names),
                 "in_flight": self.admission.active, "max_pending": self.admission.limit, "backend": backend.kind}
         if backend.shares_forwards:   # cross-request batching: calls / forwards = mean batch size
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls}
-        return body
+        if backend.scores_remotely:   # a front over an engine is only as healthy as its engine
+            ok = backend.client.healthy()
+            body["engine"] = {"url": backend.client.info.url, "ok": ok, "calls": backend.calls,
+                              "round_trips": backend.round_trips}
+            if not ok:
+                body["status"] = "engine unavailable"
+                return JSONResponse(body, status_code=503)
+        return JSONResponse(body)
 
     def settings(self) -> dict:
         return {"settings": settings_schema(self.default_max_tokens), "context_length": self.gen.backend.max_length,
@@ -293,7 +305,8 @@ def create_app(gen: Generator, model_id: str, *, max_pending: int = 16, max_body
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
-        kind = "rate_limit_error" if e.status == 429 else "invalid_request_error"
+        kind = "rate_limit_error" if e.status == 429 else ("server_error" if e.status >= 500 else
+                                                          "invalid_request_error")
         return JSONResponse(error_body(e.message, e.param, e.code, kind), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -325,6 +338,13 @@ def serve(gen: Generator, model_id: str, host: str = "127.0.0.1", port: int = 80
     import uvicorn
 
     uvicorn.run(create_app(gen, model_id, max_pending=max_pending), host=host, port=port, log_level="info")
+
+
+def engine_error(e: EngineError) -> ApiError:
+    """The answer of a front whose engine failed: 503 unreachable, 504 timed out, 502 otherwise."""
+    code = ("engine_unreachable" if isinstance(e, EngineUnreachable) else
+            "engine_timeout" if isinstance(e, EngineTimeout) else "engine_error")
+    return ApiError(e.status, str(e), code=code, headers={"Retry-After": "1"} if e.status != 502 else None)
 
 
 def _drain(stream: TextStream) -> None:

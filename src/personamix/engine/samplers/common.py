@@ -1,13 +1,20 @@
-"""Pieces the samplers share: sampling a token, drafting from the reference, Token-RS."""
+"""Pieces the samplers share: sampling a token, drafting from the reference, Token-RS (with the
+exact bound, and over an inference engine with the sliding-window bound)."""
 
 from __future__ import annotations
+
+import math
+from collections import deque
 
 import torch
 
 from ...errors import PersonamixError
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs, token_scores
+from ..targets import Target, aggregate, log_probs, token_scores
+
+#: proposals a Token-RS round over an engine asks the reference for in one call
+ENGINE_PROPOSALS = 2   # measured fastest for token-rs of 1, 2, 4 (docs/scale-out.md)
 
 
 def draw(p: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
@@ -73,3 +80,49 @@ def rejection_sample_token(logp: torch.Tensor, target: Target, rng: torch.Genera
             return int(props[first]), tried, True
     stats.rs_exhausted += 1
     return sample_token(torch.log_softmax(ref + s, dim=-1), rng), tried, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Over an inference engine (session.scores_remotely): sampled tokens and scores of given tokens only
+# ---------------------------------------------------------------------------------------------
+
+def engine_seed(rng: torch.Generator) -> int:
+    """A seed for one engine-side sampling call, drawn from the generation's generator."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+
+
+def window_rejection_token(session: Session, seq: list[int], target: Target, window: deque, log_gamma: float,
+                           max_retries: int, rng: torch.Generator, stats: Stats) -> tuple[int, int, bool]:
+    """Token-RS at one position over an engine, which returns no whole distribution to take the
+    exact bound M from. The bound is the sliding-window estimate SCR uses, over single tokens:
+    log M = max(window) + log gamma, `window` holding the scores S(t) of recent proposals (an
+    empty window is seeded with the first round's). Each round is two round trips: the engine
+    samples ENGINE_PROPOSALS proposals t ~ pi_ref in one call, then the N adapters score them
+    (N calls at once: log pi_i(t | seq)); proposal t is accepted with probability
+    exp(S(t) - log M). After max_retries proposals the one with the highest S is kept (counted
+    in stats.rs_exhausted: the estimate is not exact, unlike the local Token-RS).
+    Returns (token, proposals tried, whether one was accepted)."""
+    tried, best, best_s = 0, None, -math.inf
+    while tried < max_retries:
+        n = min(ENGINE_PROPOSALS, max_retries - tried)
+        props = session.propose(seq, n, seed=engine_seed(rng))
+        ids = sorted(set(props.tokens))
+        pref = session.score_next(seq, ids)                                          # [N, U]
+        col = torch.tensor([ids.index(t) for t in props.tokens])
+        log_ratios = pref[:, col] - torch.tensor(props.logprobs)                     # [N, n]
+        s, clamped = aggregate(log_ratios, target.weight_tensor(), target.aggregation, target.clamp_floor)
+        s_list = s.tolist()
+        if not window:
+            window.extend(s_list)
+        log_m = max(window) + log_gamma
+        log_u = torch.rand(n, generator=rng).log().tolist()
+        for j in range(n):
+            tried += 1
+            stats.clamps += int(clamped[j])
+            window.append(s_list[j])
+            if s_list[j] > best_s:
+                best, best_s = props.tokens[j], s_list[j]
+            if log_u[j] < s_list[j] - log_m:
+                return props.tokens[j], tried, True
+    stats.rs_exhausted += 1
+    return best, tried, False

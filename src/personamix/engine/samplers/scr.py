@@ -24,6 +24,19 @@ Choices where the paper is vague (documented in docs/samplers.md):
    it is SCR with M = the true max).
 A window estimate can be too low (S_j > log M_j: a "bound violation"); the test is then
 capped at 1 and the output is biased toward such chunks. tests/test_exactness.py measures it.
+
+Over an inference engine (session.scores_remotely; backends/remote.py) a round is: the engine
+drafts ENGINE_LOOKAHEAD chunks C, C' (one sampling call; its sampled tokens' log-probs are log q),
+the N adapters score them at once (N calls), and the cascade runs on C as above; C' is tested
+in the same way, against the windows updated with C, only if C was accepted whole, and is
+dropped otherwise. C' is what the next step would have drafted after an accepted C, so this
+changes when chunks are drafted and scored, not which are accepted: an engine scores a few more
+tokens for almost nothing (the cost is the context), and an accepted chunk saves a round trip
+(bench/engine_lookahead.py measures 1, 2 and 3 chunks a round; docs/scale-out.md). Drafting the
+next round speculatively while this one is scored was tried and dropped: on a CPU engine it
+competes with the scoring for the same cores and is wasted whenever a chunk fails. Without whole distributions
+there is no exact bound, so the windows are seeded with the first chunk's own scores (no exact
+warm-up) and the fallback is Token-RS against the j=1 window (common.window_rejection_token).
 """
 
 from __future__ import annotations
@@ -31,18 +44,25 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, chunk_scores, log_probs, token_scores
-from .common import draft, rejection_sample_token
+from ..targets import Target, chunk_scores, log_probs, prefix_scores, token_scores
+from .common import draft, engine_seed, rejection_sample_token, window_rejection_token
+
+#: chunks drafted and scored per round over an inference engine (see the module docstring)
+ENGINE_LOOKAHEAD = 2
 
 
 def sample(session: Session, prompt: list[int], target: Target, params: SamplingParams,
            rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
+    if session.scores_remotely:
+        yield from _sample_on_engine(session, prompt, target, params, rng, stats)
+        return
     seq = list(prompt)
     log_gamma = math.log(params.gamma)
     windows = [deque(maxlen=params.window) for _ in range(params.k)]   # windows[j-1]: recent S_j
@@ -64,7 +84,8 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
             stats.warmup_chunks += params.bound != "exact"
             out = _verify_exact(logp, chunk, target, params, rng, stats)
         else:
-            out = _cascade(logp, chunk, s, clamped, windows, log_gamma, target, params, rng, stats)
+            fallback = partial(rejection_sample_token, logp[:, 0], target, rng, params.max_retries, stats)
+            out = _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback)
         s_list = s.tolist()
         for j in range(k):
             windows[j].append(s_list[j])
@@ -73,8 +94,51 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         yield out
 
 
-def _cascade(logp, chunk, s, clamped, windows, log_gamma, target, params, rng, stats) -> list[int]:
-    """Steps 3-4: test C_{1:k}, ..., C_{1:1} against the window bounds, then fall back."""
+def _sample_on_engine(session: Session, prompt: list[int], target: Target, params: SamplingParams,
+                      rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
+    """SCR over an inference engine (see the module docstring)."""
+    seq = list(prompt)
+    log_gamma = math.log(params.gamma)
+    windows = [deque(maxlen=params.window) for _ in range(params.k)]
+    max_length = session.backend.max_length
+
+    def sizes(start: int) -> list[int]:      # the chunks of one round: ENGINE_LOOKAHEAD of k, within the context
+        out, room = [], max_length - start
+        for _ in range(ENGINE_LOOKAHEAD):
+            if room > 0:
+                out.append(min(params.k, room))
+                room -= out[-1]
+        return out
+
+    while True:
+        ks = sizes(len(seq))
+        drafted = session.sample(seq, sum(ks), temperature=1.0, top_k=0, top_p=1.0, seed=engine_seed(rng))
+        tokens, logq = drafted.tokens[:sum(ks)], torch.tensor(drafted.logprobs[:sum(ks)])
+        pref = session.score(seq + tokens, len(tokens))                              # [N, sum(ks)]
+        offset = 0
+        for k in ks:
+            chunk = tokens[offset: offset + k]
+            s, clamped = prefix_scores(logq[offset: offset + k], pref[:, offset: offset + k], target)   # [k]
+            stats.proposals += k
+            s_list = s.tolist()
+            if not windows[0]:      # no exact warm-up over an engine: the first chunk seeds the windows
+                for j in range(k):
+                    windows[j].append(s_list[j])
+            fallback = partial(window_rejection_token, session, seq, target, windows[0], log_gamma,
+                               params.max_retries, rng, stats)
+            out = _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback)
+            for j in range(k):
+                windows[j].append(s_list[j])
+            seq.extend(out)
+            yield out
+            if out != chunk:     # the chunks after this one are of no use
+                break
+            offset += k
+
+
+def _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback) -> list[int]:
+    """Steps 3-4: test C_{1:k}, ..., C_{1:1} against the window bounds, then fall back to one
+    token of Token-RS (`fallback()` returns (token, tried, accepted))."""
     k = len(chunk)
     log_u = torch.rand(k, generator=rng, device=s.device).log().tolist()
     s_list, clamped_list = s.tolist(), clamped.tolist()
@@ -88,7 +152,7 @@ def _cascade(logp, chunk, s, clamped, windows, log_gamma, target, params, rng, s
             stats.accepted += j
             return chunk[:j]
     stats.fallback_tokens += 1
-    return [rejection_sample_token(logp[:, 0], target, rng, params.max_retries, stats)[0]]
+    return [fallback()[0]]
 
 
 def _verify_exact(logp, chunk, target, params, rng, stats) -> list[int]:

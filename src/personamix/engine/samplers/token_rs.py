@@ -2,10 +2,14 @@
 rejection-sample: propose t ~ pi_ref, accept with probability exp(S(t) - log M), where
 M = max_t exp(S(t)) is the exact bound at that step (see common.rejection_sample_token).
 Greedy (temperature 0): the limit of an exact sampler of p* is argmax_t p*(t|Y), taken directly
-(no proposals): the same tokens as greedy `token`."""
+(no proposals): the same tokens as greedy `token`.
+Over an inference engine, which returns no whole distribution, the bound is the sliding-window
+estimate instead (common.window_rejection_token): two round trips per token."""
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -14,12 +18,21 @@ from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
 from ..targets import Target, log_probs, token_target
-from .common import rejection_sample_token
+from .common import rejection_sample_token, window_rejection_token
 
 
 def sample(session: Session, prompt: list[int], target: Target, params: SamplingParams,
            rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
     seq = list(prompt)
+    if session.scores_remotely and not params.greedy:
+        window: deque = deque(maxlen=params.window)
+        while True:
+            t, tried, ok = window_rejection_token(session, seq, target, window, math.log(params.gamma),
+                                                  params.max_retries, rng, stats)
+            stats.proposals += tried
+            stats.accepted += ok
+            seq.append(t)
+            yield [t]
     while True:
         logp = log_probs(session.logits("all", seq)[:, -1], target)   # [N+1, V]
         if params.greedy:
