@@ -14,14 +14,17 @@ ALLOWED = {
     "mbti": {"errors"},
     "loading": {"errors"},
     "testing": {"errors", "engine", "loading"},
-    "adapters": {"errors", "loading", "mbti"},
+    "attributes": {"errors"},
+    "adapters": {"errors", "loading", "mbti", "attributes"},
     "engine": {"errors", "mbti"},
     "backends": {"errors", "mbti", "loading", "engine"},
     "generator": {"errors", "mbti", "loading", "engine", "backends", "adapters"},
-    "training": {"errors", "mbti", "loading", "adapters"},
-    "evaluation": {"errors", "mbti", "loading", "engine", "backends", "adapters", "generator", "training"},
-    "serving": {"errors", "engine", "generator", "__init__"},
-    "cli": {"errors", "mbti", "loading", "engine", "adapters", "generator", "training", "evaluation", "serving"},
+    "training": {"errors", "mbti", "loading", "adapters", "attributes"},
+    "evaluation": {"errors", "mbti", "loading", "engine", "backends", "adapters", "generator", "training",
+                   "attributes"},
+    "serving": {"errors", "engine", "generator", "__init__", "adapters", "mbti", "attributes"},
+    "cli": {"errors", "mbti", "loading", "engine", "adapters", "generator", "training", "evaluation", "serving",
+            "attributes"},
 }
 
 

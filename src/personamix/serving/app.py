@@ -31,7 +31,15 @@ from pydantic import BaseModel, ValidationError
 from .. import __version__
 from ..errors import EngineError, EngineTimeout, EngineUnreachable, PersonamixError, SettingError
 from ..generator import Generator, TextStream
-from .protocol import ChatRequest, ChatShape, CompletionRequest, CompletionShape, error_body, settings_schema
+from .protocol import (
+    ChatRequest,
+    ChatShape,
+    CompletionRequest,
+    CompletionShape,
+    adapter_groups,
+    error_body,
+    settings_schema,
+)
 from .protocol import Request as ApiRequest
 
 
@@ -292,8 +300,11 @@ class Server:
         return JSONResponse(body)
 
     def settings(self) -> dict:
-        return {"settings": settings_schema(self.default_max_tokens), "context_length": self.gen.backend.max_length,
-                "max_pending": self.admission.limit, "adapters": list(self.gen.adapter_names)}
+        return {"model": self.model_id, "settings": settings_schema(self.default_max_tokens),
+                "context_length": self.gen.backend.max_length, "max_pending": self.admission.limit,
+                "adapters": list(self.gen.adapter_names), "groups": adapter_groups(self.gen.adapter_names),
+                "backend": self.gen.backend.kind,
+                "engine": self.gen.backend.client.info.url if self.gen.backend.scores_remotely else None}
 
 
 def create_app(gen: Generator, model_id: str, *, max_pending: int = 16, max_body_bytes: int = 1 << 20,

@@ -8,6 +8,7 @@ defaults, help texts and checks are the library's. OpenAI's `max_tokens` /
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -112,6 +113,32 @@ def usage(n_prompt: int, n_new: int) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}
 
 
+def adapter_groups(names: Sequence[str]) -> list[dict]:
+    """The served adapters grouped by the set they come from (shipped sets first, the rest as
+    "your adapters"), each group with presets whose adapters are all served: {name, adapters,
+    presets: {preset: {adapter: weight}}}."""
+    from .. import attributes
+    from ..adapters import SHIPPED_SETS
+    from ..mbti import ALL_TYPES
+
+    served, groups, seen = list(names), [], set()
+    examples = {"mbti": {t: {p: 0.25 for p in t} for t in ALL_TYPES},
+                "roleplay": {"personality+profile": {"personality": 0.5, "profile": 0.5}},
+                "attributes": {p: {x: round(1 / len(p.split("+")), 4) for x in p.split("+")}
+                               for p in attributes.PERSONAS}}
+    titles = {"mbti": "MBTI poles", "roleplay": "role-play", "attributes": "attributes"}
+    for key, members in SHIPPED_SETS.items():
+        here = [n for n in members if n in served]
+        if here:
+            presets = {k: w for k, w in examples[key].items() if set(w) <= set(served)}
+            groups.append({"name": titles[key], "adapters": here, "presets": presets})
+            seen |= set(here)
+    rest = [n for n in served if n not in seen]
+    if rest:
+        groups.append({"name": "your adapters", "adapters": rest, "presets": {}})
+    return groups
+
+
 def settings_schema(default_max_tokens: int) -> list[dict]:
     """Every setting a request may give, with its default, help and bounds (GET /v1/settings)."""
     out = [{**describe("max_new_tokens"), "name": "max_tokens", "default": default_max_tokens}]
@@ -119,4 +146,4 @@ def settings_schema(default_max_tokens: int) -> list[dict]:
 
 
 __all__ = ["Message", "ChatRequest", "CompletionRequest", "Request", "error_body", "ChatShape", "CompletionShape",
-           "settings_schema", "API_SETTINGS"]
+           "settings_schema", "adapter_groups", "API_SETTINGS"]
