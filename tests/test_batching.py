@@ -13,7 +13,7 @@ from personamix.backends.cache import PreallocatedCache
 from personamix.engine.session import Session
 from personamix.testing import save_lora, save_tiny
 
-SEQ = [0, 3, 1, 4, 2, 2, 0, 1, 3]
+SEQ = [0, 3, 1, 4, 2, 2, 0, 1, 3, 4, 4, 1, 0, 2, 3, 1, 0, 4, 2, 1]
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,15 @@ def test_auto_picks_batching_for_lora_adapters(tiny_gen):
 
 
 def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair):
-    """Six calls in ONE forward (groups ref/prefs/all, adapter subsets in any order, 1..4 new
-    tokens over cached prefixes of different lengths) == each call alone on the fast backend;
-    and the caches they leave behind are right (the next steps agree too)."""
+    """Seven calls in ONE forward (groups ref/prefs/all, adapter subsets in any order, 1..12 new
+    tokens over cached prefixes of different lengths: the short ones attend together, the long
+    one alone) == each call alone on the fast backend; and the caches they leave behind are
+    right (the next steps agree too)."""
     batched, fast = pair
     b = batched.backend
     plans = [("all", ("E", "N", "T"), 3, 1), ("ref", (), 5, 1), ("prefs", ("T", "E"), 2, 4),
-             ("all", ("N",), 6, 3), ("prefs", ("E", "N", "T"), 4, 2), ("ref", (), 1, 4)]
+             ("all", ("N",), 6, 3), ("prefs", ("E", "N", "T"), 4, 2), ("ref", (), 1, 4),
+             ("all", ("E", "T"), 2, 12)]            # a long call (a prompt): attends on its own
     calls, plain = [], []
     for group, names, prefix, new in plans:
         cache = b.new_cache(group, names)
@@ -154,3 +156,44 @@ def test_auto_falls_back_to_the_fast_backend_when_the_model_cannot_batch(tiny_di
     assert Session(backend).logits("all", SEQ).shape == (4, 1, 5)
     with pytest.raises(BatchingUnsupported, match="sliding_window"):
         build_backend(windowed(), tok, adapters, "batched")
+
+
+def test_the_pool_starts_zeroed_grows_keeping_its_content_and_reuses_freed_slots():
+    """Attention over a region reads (masked) positions no row wrote: they must be finite."""
+    import gc
+
+    from personamix.backends.cache import KVPool, SlabCache
+
+    pool = KVPool(slots=2, capacity=4)
+    like = torch.randn(1, 2, 1, 3)
+    pool.ensure(0, 2, 4, like)
+    assert (pool.k[0] == 0).all() and (pool.v[0] == 0).all()
+    pool.k[0][1, :, :4] = 7.0
+    pool.ensure(0, 5, 9, like)                               # more slots and positions
+    assert pool.k[0].shape == (8, 2, 9, 3) and (pool.k[0][1, :, :4] == 7).all()
+    assert (pool.k[0][2:] == 0).all() and (pool.k[0][:, :, 4:] == 0).all()
+    a, b = SlabCache(pool, 2), SlabCache(pool, 3)
+    assert (a.start, b.start) == (0, 2)
+    start = a.start
+    del a
+    gc.collect()
+    assert SlabCache(pool, 2).start == start                 # a finished generation's slots are reused
+
+
+def test_bf16_models_run_on_every_backend_and_agree_up_to_bf16_rounding(tmp_path):
+    """bf16 (the default on a GPU that supports it): the batched and fast backends' logits match the
+    plain PEFT backend's at bf16 precision, and every method runs on each (target math is fp32)."""
+    base = save_tiny(tmp_path / "base", vocab=5, layers=2, hidden=32)
+    adapters = {name: save_lora(base, tmp_path / name, seed=i) for i, name in enumerate("EN")}
+    gens = {kind: Generator.from_pretrained(str(base), adapters=adapters, backend=kind, device="cpu",
+                                            dtype=torch.bfloat16) for kind in ("lora", "fast", "batched")}
+    assert next(gens["batched"].backend.model.parameters()).dtype == torch.bfloat16
+    want = Session(gens["lora"].backend, ["E", "N"]).logits("all", SEQ[:12], 12).float()
+    for kind in ("fast", "batched"):
+        got = Session(gens[kind].backend, ["E", "N"]).logits("all", SEQ[:12], 12).float()
+        assert got.shape == want.shape and torch.allclose(got, want, atol=5e-2, rtol=5e-2), kind
+    for g in gens.values():
+        for method, weights in [("token", {"E": 1.0, "N": -0.5}), ("scr", {"E": 0.5, "N": 0.5}),
+                                ("token-rs", {"E": 1.0}), ("base", None)]:
+            r = g.generate(SEQ[:3], method=method, weights=weights, max_new_tokens=10, seed=3, ignore_eos=True)
+            assert len(r.token_ids) == 10

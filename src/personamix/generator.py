@@ -115,10 +115,14 @@ class Generator:
         preference models: `adapters` maps a name ("E", "N", ...) to a PEFT LoRA adapter
         directory / hub id, or to a full model (see backends.build_backend for `backend`). A string
         names adapters shipped for the default model: "mbti", "roleplay" or "mbti,roleplay".
-        onednn: on CPU, run linear layers with oneDNN-prepacked weights (faster; backends/onednn.py)."""
+        onednn: on CPU, run linear layers with oneDNN-prepacked weights (faster; backends/onednn.py).
+        dtype: the models' dtype; default fp32, or bf16 on a GPU that supports it."""
         if isinstance(adapters, str):
             adapters = shipped_adapters(adapters, model)
-        ref, tokenizer = load_reference(model, pick_device(device), dtype)
+        device = pick_device(device)
+        if dtype is None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            dtype = torch.bfloat16     # half the memory and bandwidth; dtype=torch.float32 keeps fp32
+        ref, tokenizer = load_reference(model, device, dtype)
         if ref.config.get_text_config().vocab_size < len(tokenizer):
             raise PersonamixError(f"tokenizer of {model!r} has {len(tokenizer)} tokens but the model only "
                                   f"{ref.config.get_text_config().vocab_size} embeddings")

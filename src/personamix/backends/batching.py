@@ -3,24 +3,30 @@
 Every generation runs its sampler in its own thread and calls `forward` as usual. A call that
 arrives while a forward is running waits; the next forward runs every call that accumulated
 meanwhile (continuous batching with no scheduler and no tuning knob: the batch is whatever
-is waiting, so a lone request is never delayed). Rows of different calls keep their own KV
-caches, of different lengths, and different numbers of new tokens (a one-token draft beside a
-k-token chunk to score, or a prompt); all rows are packed into one sequence without padding,
-every linear layer (the bulk of the cost) runs once over it, LoRA deltas included (the multi-LoRA
-packed mode), and attention runs call by call on views of each call's own cache (a custom
-attention function; no copies). A call that finds no company runs alone through the fast
-backend's plain forward, so a single generation costs exactly what it costs on `fast`.
+is waiting, so a lone request is never delayed). All rows are packed into one sequence without
+padding (a one-token draft beside a k-token chunk to score, or a prompt); every linear layer
+(the bulk of the cost) runs once over it, LoRA deltas included (the multi-LoRA packed mode).
 
-A row's logits equal what the call would get alone up to float rounding (matmuls over more
-rows may round differently), so a seeded request is independent of its neighbours except
-where two tokens tie to within that rounding.
+Keys and values of every generation in flight live in ONE pool per layer (cache.KVPool,
+[slots, kv_heads, capacity, head_dim]; a generation's group owns a slot per row), so attention
+runs for all short calls (decoding steps and chunks, up to SHORT new tokens) in ONE
+scaled-dot-product-attention call per layer over the pool's region in use, each row masked
+to its own length (causal within its new tokens); long calls (prompts) attend call by call on
+views of their slots. What the mask and the index maps of a forward need is built once per
+forward, not per layer. A call that finds no company runs alone through the multi-LoRA
+backend's plain forward (its cache is an ordinary transformers cache over its slots), so a
+single generation costs what it costs on `fast`, bit for bit.
+
+A row's logits equal what the call would get alone up to float rounding (matmuls over more rows,
+and attention over a padded region, may round differently), so a seeded request is independent
+of its neighbours except where two tokens tie to within that rounding.
 """
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +36,13 @@ from transformers.masking_utils import sdpa_mask
 
 from ..engine.session import Backend, Group
 from ..errors import PersonamixError, first_line
-from .cache import PreallocatedCache
+from .cache import KVPool, SlabCache
 from .multilora import MultiLoraBackend
 
 ATTENTION = "personamix_calls"
+#: calls with at most this many new tokens attend together in one call per layer; longer ones
+#: (prompts) alone, so a prompt does not pad every decoding step to its length
+SHORT = 8
 
 
 class BatchingUnsupported(PersonamixError):
@@ -45,51 +54,108 @@ class Call:
     """One call of one generation: the rows of one group over the same new tokens."""
 
     tokens: torch.Tensor          # [T] new tokens, fed after what `cache` holds
-    cache: object                 # the call's PreallocatedCache
+    cache: SlabCache              # the call's slots in the pool
     n_logits: int
     adapters: list[int]           # one per row: adapter index, -1 = reference (no delta)
     group: Group = "ref"
     names: tuple[str, ...] = ()
     logits: torch.Tensor | None = None
     error: BaseException | None = None
-    mask: torch.Tensor | None = None   # [T, cached + T] causal mask (None when T == 1)
 
     @property
     def finished(self) -> bool:
         return self.logits is not None or self.error is not None
 
 
-@dataclass(eq=False)
 class _Batch:
     """The calls of one forward, packed into ONE sequence: call c's row r occupies positions
     offsets[c] + r*T_c ... + T_c - 1 (no padding). Handed to the model as its cache (`update`
-    writes each call's new keys/values into that call's own cache) and to the attention
-    function (`attend`)."""
+    writes every call's new keys/values into the pool in one indexed copy per layer) and to
+    the attention function (`attend`). Index maps and the mask are built once, in __init__."""
 
-    calls: list[Call]
-    offsets: list[int] = field(default_factory=list)
-    kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    def __init__(self, calls: list[Call], pool: KVPool, device: torch.device):
+        self.calls, self.pool, self.device = calls, pool, device
+        pasts = [c.cache.get_seq_length() for c in calls]
+        self.pasts = pasts
+        offsets, slot, pos, packed, o = [], [], [], [], 0
+        for c, past in zip(calls, pasts):
+            rows, t = len(c.adapters), len(c.tokens)
+            offsets.append(o)
+            for r in range(rows):
+                slot += [c.cache.start + r] * t
+                pos += range(past, past + t)
+            packed += range(o, o + rows * t)
+            o += rows * t
+        self.offsets = offsets
+        self.slot = torch.tensor(slot, device=device)            # [S] the pool slot of each packed position
+        self.pos = torch.tensor(pos, device=device)              # [S] its position in the sequence
+        self.length = max(p + len(c.tokens) for c, p in zip(calls, pasts))
+        self.short = [i for i, c in enumerate(calls) if len(c.tokens) <= SHORT]
+        self.long = [i for i, c in enumerate(calls) if len(c.tokens) > SHORT]
+        if self.short:
+            self._short_maps(calls, pasts)
 
-    def _split(self, x: torch.Tensor, c: Call, o: int) -> torch.Tensor:
-        """[1, heads, S, D] -> the call's [rows, heads, T, D] (a view)."""
-        rows, t = len(c.adapters), len(c.tokens)
-        return x[0, :, o: o + rows * t].unflatten(1, (rows, t)).transpose(0, 1)
+    def _short_maps(self, calls: list[Call], pasts: list[int]) -> None:
+        """For the short calls: the pool region they use, where their queries go in a padded
+        [region, heads, T, D] query, and the mask of that region (own length, causal)."""
+        cs = [calls[i] for i in self.short]
+        self.lo = min(c.cache.start for c in cs)
+        self.hi = max(c.cache.start + c.cache.rows for c in cs)
+        self.t_max = max(len(c.tokens) for c in cs)
+        self.l_max = max(pasts[i] + len(calls[i].tokens) for i in self.short)
+        dst_slot, dst_t, src = [], [], []
+        limit = torch.ones(self.hi - self.lo, self.t_max, dtype=torch.long)   # keys each query may see (>= 1)
+        for i in self.short:
+            c, past, o = calls[i], pasts[i], self.offsets[i]
+            t = len(c.tokens)
+            for r in range(len(c.adapters)):
+                s = c.cache.start + r - self.lo
+                dst_slot += [s] * t
+                dst_t += range(t)
+                src += range(o + r * t, o + (r + 1) * t)
+                limit[s, :t] = torch.arange(past + 1, past + t + 1)      # bottom-right causal
+        self.dst_slot = torch.tensor(dst_slot, device=self.device)
+        self.dst_t = torch.tensor(dst_t, device=self.device)
+        self.src = torch.tensor(src, device=self.device)
+        keys = torch.arange(self.l_max)
+        self.mask = (keys.view(1, 1, 1, -1) < limit.view(self.hi - self.lo, 1, self.t_max, 1)).to(self.device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.kv[layer_idx] = [c.cache.update(self._split(key_states, c, o), self._split(value_states, c, o), layer_idx)
-                              for c, o in zip(self.calls, self.offsets)]
-        return key_states, value_states   # unused: attention reads self.kv
+        """Write the new keys/values [1, kv_heads, S, D] of every call into the pool."""
+        pool = self.pool
+        k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)        # [S, kv_heads, D]
+        pool.ensure(layer_idx, pool.booked, self.length, key_states)
+        pool.k[layer_idx][self.slot, :, self.pos] = k
+        pool.v[layer_idx][self.slot, :, self.pos] = v
+        for c, past in zip(self.calls, self.pasts):
+            c.cache.layer(layer_idx).length = past + len(c.tokens)
+        return key_states, value_states   # unused: attention reads the pool
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0   # positions are passed explicitly
 
     def attend(self, module, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention output [1, S, H, D] for the packed query [1, H, S, D]."""
+        i = module.layer_idx
+        kp, vp = self.pool.k[i], self.pool.v[i]
+        gqa = kp.shape[1] != query.shape[1]
         out = torch.empty_like(query)
-        for c, o, (k, v) in zip(self.calls, self.offsets, self.kv[module.layer_idx]):
-            q = self._split(query, c, o)
-            self._split(out, c, o).copy_(F.scaled_dot_product_attention(
-                q, k, v, attn_mask=c.mask, scale=scaling, enable_gqa=k.shape[1] != q.shape[1]))
+        if self.short:   # every short call in one call: the pool region, padded queries, own-length masks
+            q = query.new_zeros(self.hi - self.lo, query.shape[1], self.t_max, query.shape[3])
+            q[self.dst_slot, :, self.dst_t] = query[0, :, self.src].transpose(0, 1)
+            region = slice(self.lo, self.hi)
+            o = F.scaled_dot_product_attention(q, kp[region, :, :self.l_max], vp[region, :, :self.l_max],
+                                               attn_mask=self.mask, scale=scaling, enable_gqa=gqa)
+            out[0, :, self.src] = o[self.dst_slot, :, self.dst_t].transpose(0, 1)
+        for j in self.long:
+            c, past, off = self.calls[j], self.pasts[j], self.offsets[j]
+            rows, t = len(c.adapters), len(c.tokens)
+            q = query[0, :, off: off + rows * t].unflatten(1, (rows, t)).transpose(0, 1)   # [rows, H, T, D]
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=query.device).tril(past)
+            slots = slice(c.cache.start, c.cache.start + rows)
+            o = F.scaled_dot_product_attention(q, kp[slots, :, :past + t], vp[slots, :, :past + t], attn_mask=mask,
+                                               scale=scaling, enable_gqa=gqa)
+            out[0, :, off: off + rows * t] = o.transpose(0, 1).flatten(1, 2)
         return out.transpose(1, 2)
 
 
@@ -106,29 +172,23 @@ _PACKED = torch.ones(1, 1, 1, 1, dtype=torch.bool)       # a 4D "mask" the model
                                                          # packed calls mask themselves (_Batch.attend)
 
 
-def forward_calls(model: PreTrainedModel, calls: list[Call]) -> None:
+def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool) -> None:
     """One forward of the model over the rows of all `calls`, packed into one sequence (each
     row at its own positions); sets each call's logits [rows, n_logits, V] and appends its new
-    keys/values to its cache. The model's attention implementation must be ATTENTION and the
-    LoRA row state (if any) set by the caller (see token_adapters)."""
+    keys/values to its slots in `pool`. The model's attention implementation must be ATTENTION
+    and the LoRA row state (if any) set by the caller (see token_adapters)."""
     dev = next(model.parameters()).device
-    batch = _Batch(calls)
-    ids, pos, keep, o = [], [], [], 0
+    batch = _Batch(calls, pool, dev)
+    ids, keep, o = [], [], 0
     for c in calls:
-        past = c.cache.get_seq_length()
         rows, t = len(c.adapters), len(c.tokens)
-        if t > 1:   # bottom-right causal: new token i sees the past and new tokens 0..i
-            c.mask = torch.ones(t, past + t, dtype=torch.bool, device=dev).tril(past)
         ids.append(c.tokens.repeat(rows))
-        pos.append((past + torch.arange(t, device=dev)).repeat(rows))
-        keep.append((o + torch.arange(rows, device=dev).view(-1, 1) * t
-                     + torch.arange(t - c.n_logits, t, device=dev)).view(-1))
-        batch.offsets.append(o)
+        keep += [o + r * t + j for r in range(rows) for j in range(t - c.n_logits, t)]
         o += rows * t
-    hidden = model.get_decoder()(input_ids=torch.cat(ids).view(1, -1), position_ids=torch.cat(pos).view(1, -1),
+    hidden = model.get_decoder()(input_ids=torch.cat(ids).view(1, -1), position_ids=batch.pos.view(1, -1),
                                  attention_mask=_PACKED, cache=batch, batch=batch,
                                  use_cache=True).last_hidden_state[0]                          # [S, d]
-    logits = model.get_output_embeddings()(hidden.index_select(0, torch.cat(keep)))
+    logits = model.get_output_embeddings()(hidden.index_select(0, torch.tensor(keep, device=dev)))
     start = 0
     for c in calls:
         n = len(c.adapters) * c.n_logits
@@ -144,26 +204,28 @@ def token_adapters(calls: list[Call]) -> list[int]:
 @torch.inference_mode()
 def check_batchable(model: PreTrainedModel) -> None:
     """Raise BatchingUnsupported unless `forward_calls` reproduces this model's own forward:
-    two calls of different lengths, then a multi-token call over a cached prefix, compared with
-    one plain forward. Leaves the model as it was."""
+    a long and a short call of different lengths, then short calls over their cached prefixes,
+    compared with one plain forward. Leaves the model as it was."""
     cfg = model.config.get_text_config()
     for attr in ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(cfg, attr, None):
             raise BatchingUnsupported(f"cross-request batching does not support {attr} ({type(model).__name__})")
     dev = next(model.parameters()).device
-    ids = torch.arange(12, device=dev) * 7 % int(cfg.vocab_size)
-    expected = model(input_ids=ids.view(1, -1)).logits[0]                           # [12, V]
+    n = SHORT + 4
+    ids = torch.arange(n, device=dev) * 7 % int(cfg.vocab_size)
+    expected = model(input_ids=ids.view(1, -1)).logits[0]                           # [n, V]
     previous = model.config._attn_implementation
     problem = None
     try:
         model.set_attn_implementation(ATTENTION)
         plain = model(input_ids=ids.view(1, -1)).logits[0]
-        a, b = Call(ids[:8], PreallocatedCache(), 1, [-1]), Call(ids[:5], PreallocatedCache(), 2, [-1])
-        forward_calls(model, [a, b])
-        c = Call(ids[8:], a.cache, 4, [-1])
-        forward_calls(model, [c, Call(ids[5:6], b.cache, 1, [-1])])
+        pool = KVPool(slots=2, capacity=4)                                           # grows on the way
+        a, b = Call(ids[:SHORT + 1], SlabCache(pool, 1), 1, [-1]), Call(ids[:5], SlabCache(pool, 1), 2, [-1])
+        forward_calls(model, [a, b], pool)                                           # a long call and a short one
+        c = Call(ids[SHORT + 1:], a.cache, 3, [-1])
+        forward_calls(model, [c, Call(ids[5:6], b.cache, 1, [-1])], pool)            # two short calls over prefixes
         got = torch.cat([a.logits[0], b.logits[0], c.logits[0], plain])
-        want = torch.cat([expected[7:8], expected[3:5], expected[8:12], expected])
+        want = torch.cat([expected[SHORT:SHORT + 1], expected[3:5], expected[SHORT + 1:], expected])
         tol = 1e-4 if expected.dtype == torch.float32 else 5e-2
         if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
             problem = f"logits differ by {(got.float() - want.float()).abs().max().item():.2g}"
@@ -195,16 +257,17 @@ class BatchingBackend(Backend):
         self.max_length, self.device = self.lora.max_length, self.lora.device
         self.packed_linears = self.lora.packed_linears
         model.set_attn_implementation(ATTENTION)
+        self.pool = KVPool()                   # every generation's keys and values (cache.KVPool)
         self._queue: list[Call] = []           # calls waiting for the next forward
         self._running = False                  # a thread is running a forward (or `paused` holds them)
         self._turn = threading.Condition()     # guards both; notified when a forward ends
         self.forwards = self.calls = 0
 
-    def new_cache(self, group: Group, names: Sequence[str]) -> PreallocatedCache:
-        return self.lora.new_cache(group, names)
+    def new_cache(self, group: Group, names: Sequence[str]) -> SlabCache:
+        return SlabCache(self.pool, len(self.lora.row_adapters(group, names)))
 
-    def crop(self, cache: PreallocatedCache, n_remove: int) -> None:
-        self.lora.crop(cache, n_remove)
+    def crop(self, cache: SlabCache, n_remove: int) -> None:
+        cache.crop(-n_remove)
 
     def forward(self, group: Group, tokens: torch.Tensor, cache, n_logits: int,
                 names: Sequence[str]) -> tuple[torch.Tensor, int]:
@@ -254,7 +317,7 @@ class BatchingBackend(Backend):
                 c.logits = self.lora.forward_call(c.group, c.tokens, c.cache, c.n_logits, c.names)
             else:
                 with self.lora.packed_rows(token_adapters(calls)):
-                    forward_calls(self.model, calls)
+                    forward_calls(self.model, calls, self.pool)
             self.forwards += 1
             self.calls += len(calls)
         except BaseException as e:   # every call of the batch learns of it (their caches are now unusable)

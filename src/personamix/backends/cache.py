@@ -1,7 +1,11 @@
 """KV caches for transformers models: preallocated storage, appended in place, rolled back by a
-length change (a rejected draft costs nothing to undo)."""
+length change (a rejected draft costs nothing to undo). PreallocatedCache keeps its own storage;
+SlabCache keeps it in a KVPool shared by every generation in flight (the batched backend)."""
 
 from __future__ import annotations
+
+import threading
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -68,4 +72,140 @@ class PreallocatedCache(DynamicCache):
         self.layer_class_to_replicate = PreallocatedLayer
 
 
-__all__ = ["PreallocatedLayer", "PreallocatedCache"]
+
+
+class KVPool:
+    """The keys and values of every generation in flight, one tensor per layer and kind,
+    [slots, kv_heads, capacity, head_dim]: a cache (one group of one generation, SlabCache)
+    owns a contiguous range of slots, one per row, and a length. Attention over many calls can
+    then read one region of one tensor (batching.py) instead of one tensor per call; rolling
+    back is a length change; a cache that is garbage-collected gives its slots back.
+
+    Tensors are made on first use and grow (doubling; the content is copied) when a forward needs
+    more slots or positions; `reserve` only books slot numbers, so it is safe from any thread,
+    while `ensure` (which may reallocate) runs only inside a forward, which the owner serialises.
+    """
+
+    def __init__(self, slots: int = 16, capacity: int = 256):
+        self.k: list[torch.Tensor | None] = []
+        self.v: list[torch.Tensor | None] = []
+        self.slots, self.capacity = slots, capacity     # the tensors' size (once made)
+        self._used: list[bool] = []                     # booked slot numbers (may exceed `slots`)
+        self._lock = threading.Lock()
+
+    def reserve(self, rows: int) -> int:
+        """The first slot of a free run of `rows` slots, booked."""
+        with self._lock:
+            run = 0
+            for i, used in enumerate(self._used):
+                run = 0 if used else run + 1
+                if run == rows:
+                    start = i - rows + 1
+                    break
+            else:
+                start = len(self._used) - run
+                self._used.extend([False] * (start + rows - len(self._used)))
+            for i in range(start, start + rows):
+                self._used[i] = True
+            return start
+
+    def release(self, start: int, rows: int) -> None:
+        with self._lock:
+            for i in range(start, start + rows):
+                self._used[i] = False
+
+    @property
+    def booked(self) -> int:
+        """One past the highest booked slot."""
+        with self._lock:
+            return max((i + 1 for i, u in enumerate(self._used) if u), default=0)
+
+    def ensure(self, layer: int, slots: int, length: int, like: torch.Tensor) -> None:
+        """Make layer `layer`'s tensors (shaped after `like` [rows, kv_heads, T, head_dim]) and grow
+        every layer's to at least `slots` slots and `length` positions."""
+        while len(self.k) <= layer:
+            self.k.append(None)
+            self.v.append(None)
+        if slots > self.slots or length > self.capacity:
+            new_slots = max(self.slots, 1 << max(slots - 1, 0).bit_length())
+            new_cap = max(self.capacity, length, 2 * self.capacity if length > self.capacity else 0)
+            for i in range(len(self.k)):
+                if self.k[i] is not None:
+                    self.k[i], self.v[i] = (self._grown(t, new_slots, new_cap) for t in (self.k[i], self.v[i]))
+            self.slots, self.capacity = new_slots, new_cap
+        if self.k[layer] is None:
+            shape = (self.slots, like.shape[1], self.capacity, like.shape[3])
+            # zeros, not empty: attention over a region reads (masked) positions no row has written,
+            # and uninitialised memory can hold NaN, which a mask does not cancel (NaN * 0 = NaN)
+            self.k[layer] = like.new_zeros(shape)
+            self.v[layer] = like.new_zeros(shape)
+
+    def _grown(self, t: torch.Tensor, slots: int, capacity: int) -> torch.Tensor:
+        out = t.new_zeros(slots, t.shape[1], capacity, t.shape[3])
+        out[: t.shape[0], :, : t.shape[2]] = t
+        return out
+
+
+class SlabLayer(DynamicLayer):
+    """One layer of a SlabCache: its keys and values live in the pool, in the cache's slots."""
+
+    def __init__(self, cache: SlabCache, index: int):
+        super().__init__()
+        self.cache, self.index, self.length = cache, index, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        c, pool = self.cache, self.cache.pool
+        end = self.length + key_states.shape[-2]
+        pool.ensure(self.index, pool.booked, end, key_states)
+        rows = slice(c.start, c.start + c.rows)
+        pool.k[self.index][rows, :, self.length:end] = key_states
+        pool.v[self.index][rows, :, self.length:end] = value_states
+        self.length = end
+        return self.views()
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled part of this layer, [rows, kv_heads, length, head_dim] (views into the pool)."""
+        c, pool = self.cache, self.cache.pool
+        rows = slice(c.start, c.start + c.rows)
+        return pool.k[self.index][rows, :, : self.length], pool.v[self.index][rows, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.length = max(0, self.length + tokens_to_remove)
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
+class SlabCache(DynamicCache):
+    """A cache of `rows` rows whose keys and values live in a KVPool's slots (see KVPool); to
+    the model it is an ordinary transformers cache (each layer returns views of its slots)."""
+
+    def __init__(self, pool: KVPool, rows: int):
+        super().__init__()
+        self.pool, self.rows = pool, rows
+        self.start = pool.reserve(rows)
+        self.layer_class_to_replicate = lambda: SlabLayer(self, len(self.layers))
+        weakref.finalize(self, pool.release, self.start, rows)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+
+    def layer(self, index: int) -> SlabLayer:
+        while len(self.layers) <= index:
+            self.layers.append(self.layer_class_to_replicate())
+        return self.layers[index]
+
+
+__all__ = ["PreallocatedLayer", "PreallocatedCache", "KVPool", "SlabLayer", "SlabCache"]

@@ -1,0 +1,127 @@
+"""Where a packed forward of the batched backend spends its time as the number of calls in it
+grows: C generations, each at a 100-token context with its N+1 rows ("all"), take one decoding
+step together in ONE forward (backend.run, what the server's concurrent requests do), timed
+for C in 1, 4, 16 (and 64), plus torch.profiler's top operators at the largest C, and the
+sampler-side work of one step (the target's math over the vocabulary) for comparison.
+
+    python bench/batch_profile.py [--n 4] [--calls 1 4 16 64] [--steps 10] [--device cpu] [--out docs/batch_profile.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from personamix import Generator
+from personamix.cli.common import quiet
+from personamix.engine.targets import Target, log_probs, token_target
+from personamix.loading import DEFAULT_MODEL, random_adapters
+
+CTX = 100
+
+
+def prefilled(gen: Generator, c: int) -> list:
+    """c caches of the "all" group (N+1 rows), each holding a different CTX-token context."""
+    b, caches = gen.backend, []
+    for i in range(c):
+        cache = b.new_cache("all", b.names)
+        b.forward("all", torch.tensor([1000 + (7 * (i + j)) % 30000 for j in range(CTX)], device=b.device),
+                  cache, 1, b.names)
+        caches.append(cache)
+    return caches
+
+
+def step_calls(gen: Generator, caches: list, token: int) -> list:
+    """One decoding-step call per cache (its next token), ready for backend.run (one forward)."""
+    b = gen.backend
+    return [b.call("all", torch.tensor([token], device=b.device), cache, 1, b.names) for cache in caches]
+
+
+def time_forwards(gen: Generator, c: int, steps: int) -> list[float]:
+    sessions = prefilled(gen, c)
+    out = []
+    for t in range(steps + 1):
+        calls = step_calls(gen, sessions, 5 + t)
+        start = time.perf_counter()
+        gen.backend.run(calls)
+        if gen.device_sync:
+            gen.device_sync()
+        if t:                                          # the first step warms the shapes up
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def target_math(gen: Generator, n: int, steps: int) -> float:
+    """Seconds of one token step's target math (log-softmax of N+1 rows, the linear target)."""
+    logits = torch.randn(n + 1, 1, gen.backend.vocab_size, device=gen.backend.device)
+    target = Target(tuple(gen.adapter_names[:n]), tuple(1.0 / n for _ in range(n)))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        token_target(log_probs(logits[:, -1], target), target)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--calls", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the backend's)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    quiet()
+    names = [chr(ord("A") + i) for i in range(a.n)]
+    dtype = getattr(torch, a.dtype) if a.dtype else None
+    gen = Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, names), backend="batched",
+                                    device=a.device, dtype=dtype)
+    gen.device_sync = torch.cuda.synchronize if gen.backend.device.type == "cuda" else None
+    rows = []
+    for c in a.calls:
+        t = statistics.median(time_forwards(gen, c, a.steps))
+        rows.append((c, t))
+        print(f"{c} calls ({c * (a.n + 1)} rows): {1000 * t:.1f} ms per forward, {1000 * t / c:.2f} ms per call",
+              flush=True)
+    math_s = target_math(gen, a.n, 20)
+    lines = ["| calls in the forward | rows | ms per forward | ms per call | calls / s | x one call's rate |",
+             "|---|---|---|---|---|---|"]
+    base = rows[0][1] / rows[0][0]
+    for c, t in rows:
+        lines.append(f"| {c} | {c * (a.n + 1)} | {1000 * t:.1f} | {1000 * t / c:.2f} | {c / t:.1f} | "
+                     f"{base * c / t:.2f} |")
+    text = ("\n".join(lines) + f"\n\nThe target math of one token step (log-softmax of {a.n + 1} rows over the "
+            f"vocabulary, the linear target): {1000 * math_s:.2f} ms, done by each generation's thread outside the "
+            "forward.\n")
+    if a.profile:
+        from torch.profiler import profile
+
+        sessions = prefilled(gen, a.calls[-1])
+        gen.backend.run(step_calls(gen, sessions, 3))
+        with profile() as prof:
+            for t in range(3):
+                gen.backend.run(step_calls(gen, sessions, 4 + t))
+        text += (f"\ntorch.profiler, 3 forwards of {a.calls[-1]} calls, top operators by self time:\n\n```\n"
+                 + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14) + "\n```\n")
+    info = (f"SmolLM2-135M-Instruct, batched backend, N={a.n} random rank-8 LoRA adapters, {CTX}-token contexts, "
+            f"one new token per call, device {gen.backend.device}, dtype {next(gen.backend.model.parameters()).dtype}, "
+            f"torch {torch.__version__}, {os.cpu_count()} cores {platform.machine()}; median of {a.steps} forwards")
+    print(info)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(f"# A packed forward of the batched backend, by calls in it\n\n{info}.\n\n"
+                    f"Command: `python bench/batch_profile.py {' '.join(sys.argv[1:])}`\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
