@@ -6,11 +6,11 @@ import json
 import shutil
 
 import pytest
+from test_server import MODEL, Running
 
 from personamix import Generator
 from personamix.serving import create_app
 from personamix.testing import save_chat_tiny, save_lora
-from test_server import MODEL, Running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -105,7 +105,11 @@ def test_compare_mode_streams_three_columns_at_once_with_one_seed(server, browse
 def test_chat_keeps_the_conversation_over_two_turns(server, browser):
     page = open_page(browser, server.url)
     bodies = []
-    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    def record(request):
+        if request.url.endswith("/chat/completions"):
+            bodies.append(json.loads(request.post_data))
+
+    page.on("request", record)
     page.click("#mode-chat")
     page.fill("#s-max_tokens", "10")
     for turn, text in enumerate(["what do you like", "what do you do today"]):
