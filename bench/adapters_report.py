@@ -11,6 +11,7 @@ strongly each generation reads as the first pole of the axis.
 
     python bench/adapters_report.py                   # table + plot from the shipped adapters
     python bench/adapters_report.py --sanity e_i s_n  # plus the sanity check for these axes
+    python bench/adapters_report.py --sets attributes --prefix attributes   # docs/attributes_table.md, ..._training.png
 """
 from __future__ import annotations
 
@@ -40,9 +41,14 @@ def table(rows: list[dict]) -> str:
         f"| {r['held_out']['reward_margin']:.3f} | {r['size_mb']:.2f} MB |\n" for r in rows)
 
 
-def collect() -> list[dict]:
+SOURCES = {"mbti": lambda a: f"MBTI_dpo_{axis_key(a)}", "roleplay": lambda a: f"dpo_{a}",
+           "attributes": lambda a: "reference's replies"}
+
+
+def collect(sets=("mbti", "roleplay")) -> list[dict]:
     rows = []
-    for set_name, attributes in SHIPPED_SETS.items():
+    for set_name in sets:
+        attributes = SHIPPED_SETS[set_name]
         for attribute in attributes:
             path = SHIPPED_DIR / set_name / attribute
             meta = read_meta(path)
@@ -50,7 +56,7 @@ def collect() -> list[dict]:
                 print(f"missing: {path}", file=sys.stderr)
                 continue
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 2**20
-            source = f"MBTI_dpo_{axis_key(attribute)}" if set_name == "mbti" else f"dpo_{attribute}"
+            source = SOURCES[set_name](attribute)
             rows.append({**meta, "set": set_name, "size_mb": size, "source": source,
                          "log": json.loads((path / LOG_FILE).read_text())})
     return rows
@@ -130,13 +136,15 @@ def main() -> None:
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--root", default=str(SHIPPED_DIR), help="where the adapters are (default: the shipped ones)")
     ap.add_argument("--no-table", action="store_true", help="only run the sanity check")
+    ap.add_argument("--sets", default="mbti,roleplay", help="adapter sets in the table and plot")
+    ap.add_argument("--prefix", default="adapters", help="docs/<prefix>_table.md and docs/<prefix>_training.png")
     a = ap.parse_args()
     quiet()
     docs = Path(a.docs)
     if not a.no_table:
-        rows = collect()
-        plot(rows, docs / "adapters_training.png")
-        (docs / "adapters_table.md").write_text(table(rows))
+        rows = collect(tuple(a.sets.split(",")))
+        plot(rows, docs / f"{a.prefix}_training.png")
+        (docs / f"{a.prefix}_table.md").write_text(table(rows))
         print(table(rows))
     sanity_file = docs / "adapters_sanity.json"
     results = json.loads(sanity_file.read_text()) if sanity_file.is_file() else {}

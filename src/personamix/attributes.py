@@ -71,17 +71,19 @@ AXES: tuple[Axis, ...] = (
 )
 POLES: tuple[str, ...] = tuple(p for a in AXES for p in a.poles)
 
-#: success of a reply for each pole, fixed before the evaluation ran: sentiment: VADER's own
-#: cut-offs (+-0.05); wording: the reference's replies have a median of 4.7 letters per word
-#: (10th / 90th percentile 4.0 / 5.6), so complex = at least 5.1 and plain = at most 4.3;
-#: question: asks or does not.
+#: success of a reply for each pole, fixed before the evaluation ran, at the quartiles of the
+#: reference's own replies to the training prompts (3,840 replies; training/attribute_data.py):
+#: sentiment: upper quartile 0.72, and VADER's own negative cut-off -0.05 (the lower quartile is
+#: 0.0: a quarter of the replies are neutral); wording: 5.3 and 4.34 letters per word; question:
+#: asks or does not (3% of the reference's replies ask). So the reference succeeds on about a
+#: quarter of its replies per pole, except `telling` (97%) and `asking` (3%).
 SUCCESS: dict[str, Callable[[float], bool]] = {
-    "positive": lambda s: s >= 0.05, "negative": lambda s: s <= -0.05,
-    "complex": lambda w: w >= 5.1, "plain": lambda w: w <= 4.3,
+    "positive": lambda s: s >= 0.72, "negative": lambda s: s <= -0.05,
+    "complex": lambda w: w >= 5.3, "plain": lambda w: w <= 4.34,
     "asking": lambda q: q >= 1, "telling": lambda q: q < 1,
 }
-SUCCESS_TEXT = {"positive": "VADER compound >= 0.05", "negative": "VADER compound <= -0.05",
-                "complex": ">= 5.1 letters per word", "plain": "<= 4.3 letters per word",
+SUCCESS_TEXT = {"positive": "VADER compound >= 0.72", "negative": "VADER compound <= -0.05",
+                "complex": ">= 5.3 letters per word", "plain": "<= 4.34 letters per word",
                 "asking": "contains '?'", "telling": "no '?'"}
 #: how the prompting baseline names each pole
 INSTRUCTIONS = {"positive": "upbeat and positive", "negative": "gloomy and negative",

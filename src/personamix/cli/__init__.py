@@ -1,4 +1,4 @@
-"""The command line: `personamix generate | demo | train | train-shipped | serve | eval | bench`,
+"""The command line: `personamix generate | demo | train | train-shipped | attribute-data | serve | eval | bench`,
 one module per subcommand (each has `register(subparsers)` and a `run(args)`)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import os
 import sys
 
 from ..errors import PersonamixError
-from . import bench, demo, evaluate, generate, serve, train
+from . import attribute_data, bench, demo, evaluate, generate, serve, train
 from .common import quiet
 
-SUBCOMMANDS = (generate, demo, train, serve, evaluate, bench)
+SUBCOMMANDS = (generate, demo, train, attribute_data, serve, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

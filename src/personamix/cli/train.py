@@ -69,6 +69,13 @@ def run_train_shipped(a: argparse.Namespace) -> None:
     from ..training.train import read_meta, shipped_config, train_adapter
 
     only = set(a.only.split(",")) if a.only else None
+    if "attributes" in a.sets:
+        from ..training.attribute_data import AttributeDataConfig, build, default_dir
+
+        if not (default_dir() / "stats.json").is_file():
+            print(f"attributes: sampling the reference's replies for the preference data into {default_dir()} "
+                  "(resumable; about 15 min on 2 CPU cores)")
+            build(AttributeDataConfig(device=a.device))
     for set_name in a.sets:
         for attribute in SHIPPED_SETS[set_name]:
             if only is None or attribute in only:
