@@ -17,13 +17,15 @@ def register(sub) -> None:
     e.add_argument("--model", default=DEFAULT_MODEL)
     e.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                    help="adapters named by pole (E..P) or personality/profile (default: the shipped ones)")
-    e.add_argument("--types", default="paper", help="paper (ENTJ,ESTP,INFJ) | all (16 types) | comma-separated")
+    e.add_argument("--types", default="paper", help="paper (ENTJ,ESTP,INFJ) | all (16 types) | comma-separated; "
+                   "attributes: poles joined by '+', e.g. positive+asking (default: the five of docs/attributes.md)")
     e.add_argument("--methods", default=None,
                    help="comma-separated: base,prompt,merge,geometric,single-X (single-*: each pole alone),"
                         "token,token-rs,scr,spec (default: all of them but single-* for qa)")
-    e.add_argument("--limit", type=int, default=None, help="items / questions / profiles per persona")
+    e.add_argument("--limit", type=int, default=None, help="items / questions / profiles per persona; attributes: "
+                   "held-out prompts (default 32; the sweeps use the first 24)")
     e.add_argument("--readout", default="prob", help=f"mcqa: {', '.join(MCQA_READOUTS)} or prob,gen")
-    e.add_argument("--max-new-tokens", type=int, default=96)
+    e.add_argument("--max-new-tokens", type=int, default=None, help="default: 96, attributes: 48")
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--k", type=int, default=4)
     e.add_argument("--seed", type=int, default=0)
@@ -47,7 +49,8 @@ def run(a: argparse.Namespace) -> None:
     def items(text: str | None) -> tuple[str, ...]:
         return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
-    cfg = EvalConfig(a.task, a.out, parse_types(a.types), items(a.methods), a.limit, a.max_new_tokens, a.seed,
+    max_new_tokens = a.max_new_tokens or (48 if a.task == "attributes" else 96)
+    cfg = EvalConfig(a.task, a.out, parse_types(a.types), items(a.methods), a.limit, max_new_tokens, a.seed,
                      a.temperature, a.k, items(a.readout), a.data_dir, a.judge_limit, a.workers, items(a.judges),
                      a.generate_only, a.model, parse_adapters(a.adapter), a.backend, a.device)
     outcome = evaluate(cfg)

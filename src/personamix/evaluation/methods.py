@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .. import attributes
 from ..engine.session import Session
 from ..engine.targets import Target, token_target
 from ..errors import PersonamixError
@@ -36,11 +37,12 @@ ROLEPLAY = "personality+profile"
 
 
 def persona_weights(persona: str) -> dict[str, float]:
-    """Equal weights on the persona's adapters (MBTI letters, or the role-play pair)."""
+    """Equal weights on the persona's adapters: MBTI letters ("ENTJ"), the role-play pair, or
+    attribute poles joined by '+' ("positive+asking")."""
     if persona == ROLEPLAY:
         return {"personality": 0.5, "profile": 0.5}
-    letters = parse_persona(persona)
-    return {p: 1.0 / len(letters) for p in letters}
+    poles = attributes.parse_persona(persona) if "+" in persona else parse_persona(persona)
+    return {p: 1.0 / len(poles) for p in poles}
 
 
 def expand_methods(methods: Sequence[str], persona: str) -> list[str]:

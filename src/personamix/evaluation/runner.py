@@ -42,11 +42,12 @@ from .tasks import (
     pole_descriptions,
 )
 
-TASKS = ("mcqa", "qa", "roleplay")
+TASKS = ("mcqa", "qa", "roleplay", "attributes")
 MCQA_READOUTS = ("prob", "gen")
 #: Methods when none are named; the questionnaire's exact read-out also shows each pole alone.
 DEFAULT_METHODS = {"mcqa": BASELINES + ("single-*",) + MPG_METHODS, "qa": BASELINES + MPG_METHODS,
-                   "roleplay": ("prompt", "single-*", "merge", "geometric") + MPG_METHODS}
+                   "roleplay": ("prompt", "single-*", "merge", "geometric") + MPG_METHODS,
+                   "attributes": ("base", "prompt", "single-*", "merge", "geometric") + MPG_METHODS}
 
 
 @dataclass
@@ -78,6 +79,10 @@ class EvalConfig:
         self.methods = tuple(self.methods) or DEFAULT_METHODS.get(self.task, ())
         if self.task == "roleplay":
             self.personas = (ROLEPLAY,)
+        if self.task == "attributes" and self.personas == PAPER_TYPES:
+            from .composition import PERSONAS
+
+            self.personas = PERSONAS
 
     def check(self) -> None:
         if self.task not in TASKS:
@@ -87,7 +92,12 @@ class EvalConfig:
         if self.workers < 1:
             raise PersonamixError(f"--workers must be >= 1, got {self.workers}")
         check_methods(self.methods)
-        if self.task != "roleplay":
+        if self.task == "attributes":
+            from ..attributes import parse_persona as parse_attributes
+
+            for t in self.personas:
+                parse_attributes(t)
+        elif self.task != "roleplay":
             for t in self.personas:
                 if len(parse_persona(t)) != 4:
                     raise PersonamixError(f"--types: {t!r} is not a four-letter MBTI type")
@@ -99,6 +109,26 @@ class EvalConfig:
         bad = [r for r in self.readouts if r not in MCQA_READOUTS]
         if bad:
             raise PersonamixError(f"--readout: unknown {', '.join(bad)}; use prob, gen or prob,gen")
+
+
+def _evaluate_attributes(cfg: EvalConfig) -> EvalOutcome:
+    from .composition import AttributeEvalConfig, report, run
+
+    acfg = AttributeEvalConfig(out=cfg.out, model=cfg.model, adapters=cfg.adapters or shipped_adapters(
+        "attributes", cfg.model), prompts=cfg.limit or AttributeEvalConfig.prompts, max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed, k=cfg.k, workers=cfg.workers, personas=cfg.personas, methods=cfg.methods,
+        backend=cfg.backend, device=cfg.device, data_dir=cfg.data_dir)
+    acfg.sweep_prompts = min(acfg.sweep_prompts, acfg.prompts)
+    summary = run(acfg, generate_only=cfg.generate_only)
+    if cfg.generate_only:
+        return EvalOutcome({}, "", [f"answers in {cfg.out / 'attributes.jsonl'}; scored by the same command without "
+                                    "--generate-only"])
+    goal = summary["comparisons"].get("goal")
+    notes = [] if not goal else [
+        f"joint success: best MPG ({goal['best_mpg']}) vs best of merge/prompt ({goal['best_baseline']}): "
+        f"{100 * goal['relative_gain'][0]:+.1f}% relative, 95% interval [{100 * goal['relative_gain'][1]:+.1f}, "
+        f"{100 * goal['relative_gain'][2]:+.1f}]"]
+    return EvalOutcome(summary, report(summary), notes)
 
 
 def parse_types(text: str) -> tuple[str, ...]:
@@ -118,6 +148,8 @@ class EvalOutcome:
 def evaluate(cfg: EvalConfig) -> EvalOutcome:
     """Run (or resume) `cfg`, writing <out>/<task>.jsonl, <task>_summary.json and <task>.md."""
     cfg.check()
+    if cfg.task == "attributes":
+        return _evaluate_attributes(cfg)
     adapters = cfg.adapters or shipped_adapters("roleplay" if cfg.task == "roleplay" else "mbti", cfg.model)
     gen, merges = eval_generator(cfg.model, adapters, cfg.personas, cfg.methods, cfg.backend, cfg.device)
     cfg.out.mkdir(parents=True, exist_ok=True)
