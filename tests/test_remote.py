@@ -271,3 +271,20 @@ def test_a_killed_engine_ends_streams_with_an_error_and_the_front_goes_on(doomed
         assert httpx.get(running.url + "/v1/models").status_code == 200   # the front itself still answers
     finally:
         running.stop()
+
+
+def test_the_engines_own_tokenizer_when_none_is_at_hand(remote, local):
+    """Without a local tokenizer the engine's /tokenize and /detokenize do the work: the same ids
+    and text as the local tokenizer, and a generation through them."""
+    from personamix.backends.remote import EngineTokenizer
+
+    client = remote.backend.client
+    tok = EngineTokenizer(client, sorted(remote.eos_token_ids))
+    messages = [{"role": "user", "content": PROMPT}]
+    assert tok.apply_chat_template(messages) == local.encode(messages)
+    assert tok("plain text")["input_ids"] == local.tokenizer("plain text")["input_ids"]
+    ids = local.encode(PROMPT)[:12]
+    assert tok.decode(ids) == local.tokenizer.decode(ids, skip_special_tokens=False)
+    gen = Generator(remote.backend, tok, sorted(remote.eos_token_ids))
+    r = gen.generate(PROMPT, method="base", max_new_tokens=6, seed=0, ignore_eos=True)
+    assert len(r.token_ids) == 6 and r.text == local.tokenizer.decode(r.token_ids, skip_special_tokens=False)
