@@ -102,6 +102,12 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(port: int, max_pending: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "personamix.cli", "serve", "--port", str(port),
@@ -129,9 +135,7 @@ def main() -> None:
     proc = None
     url = a.url
     if url is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         proc = start_server(port, max_pending=max(a.levels))
         url = f"http://127.0.0.1:{port}"
     try:

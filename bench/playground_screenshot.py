@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadtest import start_server
+from loadtest import free_port, start_server
 
 
 def main() -> None:
@@ -26,9 +25,7 @@ def main() -> None:
     proc = None
     url = a.url
     if url is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         proc = start_server(port, max_pending=4)
         url = f"http://127.0.0.1:{port}"
     try:
