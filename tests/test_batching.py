@@ -180,6 +180,32 @@ def test_the_pool_starts_zeroed_grows_keeping_its_content_and_reuses_freed_slots
     assert SlabCache(pool, 2).start == start                 # a finished generation's slots are reused
 
 
+def test_a_finished_generation_gives_its_slots_back_at_once_and_an_idle_pool_holds_nothing(pair):
+    """Without the cycle collector (a slab's layers point back at it): the generation's end
+    releases its slots, and with none booked the pool drops its tensors (the load test's idle RSS)."""
+    import gc
+
+    batched, fast = pair
+    pool = batched.backend.pool
+    gc.collect()
+    gc.disable()
+    try:
+        session = Session(batched.backend, ("E", "N"))
+        session.logits("all", SEQ[:6], 1)
+        assert pool.booked == 3 and len(pool.k) > 0
+        session.close()
+        assert pool.booked == 0 and pool.k == [] and pool.v == []
+        for method in ("scr", "token", "base"):
+            r = batched.generate(SEQ[:3], method=method, weights=None if method == "base" else {"E": 1.0, "T": 0.5},
+                                 max_new_tokens=8, seed=1, ignore_eos=True)
+            assert pool.booked == 0 and pool.k == []
+            again = fast.generate(SEQ[:3], method=method, weights=None if method == "base" else {"E": 1.0, "T": 0.5},
+                                  max_new_tokens=8, seed=1, ignore_eos=True)
+            assert r.token_ids == again.token_ids          # a pool made afresh gives the same tokens
+    finally:
+        gc.enable()
+
+
 def test_bf16_models_run_on_every_backend_and_agree_up_to_bf16_rounding(tmp_path):
     """bf16 (the default on a GPU that supports it): the batched and fast backends' logits match the
     plain PEFT backend's at bf16 precision, and every method runs on each (target math is fp32)."""

@@ -273,6 +273,7 @@ class Generator:
                     break
         finally:
             sampler.close()
+            session.close()
             stats.forward_passes, stats.round_trips = session.forward_passes, session.round_trips
             stats.elapsed_s = time.perf_counter() - start
 

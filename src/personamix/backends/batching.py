@@ -266,6 +266,9 @@ class BatchingBackend(Backend):
     def new_cache(self, group: Group, names: Sequence[str]) -> SlabCache:
         return SlabCache(self.pool, len(self.lora.row_adapters(group, names)))
 
+    def free_cache(self, cache: SlabCache) -> None:
+        cache.release()
+
     def crop(self, cache: SlabCache, n_remove: int) -> None:
         cache.crop(-n_remove)
 

@@ -90,6 +90,7 @@ class KVPool:
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
         self.slots, self.capacity = slots, capacity     # the tensors' size (once made)
+        self._initial = (slots, capacity)
         self._used: list[bool] = []                     # booked slot numbers (may exceed `slots`)
         self._lock = threading.Lock()
 
@@ -110,9 +111,16 @@ class KVPool:
             return start
 
     def release(self, start: int, rows: int) -> None:
+        """Give the slots back; when none is booked any more, drop the tensors (made again, at
+        the initial size, by the next forward), so an idle backend holds no keys and values.
+        No forward can be using them then: a forward's calls keep their slots booked."""
         with self._lock:
             for i in range(start, start + rows):
                 self._used[i] = False
+            if not any(self._used):
+                self._used.clear()
+                self.k, self.v = [], []
+                self.slots, self.capacity = self._initial
 
     @property
     def booked(self) -> int:
@@ -197,7 +205,9 @@ class SlabCache(DynamicCache):
         self.pool, self.rows = pool, rows
         self.start = pool.reserve(rows)
         self.layer_class_to_replicate = lambda: SlabLayer(self, len(self.layers))
-        weakref.finalize(self, pool.release, self.start, rows)
+        # the slots go back when the generation ends (release) or, at the latest, when the cache is
+        # collected (its layers point back at it, so that can wait for the cycle collector)
+        self.release = weakref.finalize(self, pool.release, self.start, rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0

@@ -76,6 +76,11 @@ class Backend(ABC):
         """Release what the backend holds (connections, threads); the models stay usable in-process."""
         return None
 
+    def free_cache(self, cache: object) -> None:
+        """A finished generation's cache: give back what it holds now rather than when it is
+        garbage-collected (the batched backend's pool slots)."""
+        return None
+
     def forward_together(self, calls: Sequence[tuple[Group, torch.Tensor, object, int]],
                          names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
         """`forward` for calls (group, tokens, cache, n_logits) of different groups of one
@@ -212,6 +217,20 @@ class Session:
             return torch.stack([memo[p] for p in wanted], dim=1)
         self.truncate(group, min(keep, len(seq) - n_logits))
         return None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """The generation is over: its caches go back to the backend."""
+        for cache in self._caches.values():
+            self.backend.free_cache(cache)
+        self._caches.clear()
+        self._tokens.clear()
+        self._memo.clear()
 
     def truncate(self, group: Group, length: int) -> None:
         """Roll the group's cache back to its first `length` tokens."""

@@ -126,8 +126,8 @@ def letter_ids(tokenizer, letter: str) -> list[int]:
 
 def next_token_logprobs(gen: Generator, prompt_ids: list[int], names: Sequence[str]) -> torch.Tensor:
     """log-softmax of the reference (row 0) and of each named adapter (rows 1..) after the prompt."""
-    session = Session(gen.backend, names)
-    return torch.log_softmax(session.logits("all" if names else "ref", prompt_ids, 1)[:, 0].float(), dim=-1)
+    with Session(gen.backend, names) as session:
+        return torch.log_softmax(session.logits("all" if names else "ref", prompt_ids, 1)[:, 0].float(), dim=-1)
 
 
 def choice_prob(logp: torch.Tensor, a_ids: list[int], b_ids: list[int]) -> float:

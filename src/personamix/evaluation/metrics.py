@@ -53,7 +53,8 @@ def perplexity(gen, prompt_ids: list[int], answer_ids: list[int]) -> float:
     if not answer_ids:
         return float("nan")
     seq = prompt_ids + answer_ids[:-1]
-    logits = Session(gen.backend, ()).logits("ref", seq, len(answer_ids))[0].float()
+    with Session(gen.backend, ()) as session:
+        logits = session.logits("ref", seq, len(answer_ids))[0].float()
     lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer_ids, device=logits.device)[:, None])
     return float(torch.exp(-lp.mean()))
 
