@@ -75,6 +75,7 @@ class _Batch:
 
     def __init__(self, calls: list[Call], pool: KVPool, device: torch.device):
         self.calls, self.pool, self.device = calls, pool, device
+        self.booked = pool.booked                 # slots in use: read once per forward, not per layer
         pasts = [c.cache.get_seq_length() for c in calls]
         self.pasts = pasts
         offsets, slot, pos, packed, o = [], [], [], [], 0
@@ -124,7 +125,7 @@ class _Batch:
         """Write the new keys/values [1, kv_heads, S, D] of every call into the pool."""
         pool = self.pool
         k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)        # [S, kv_heads, D]
-        pool.ensure(layer_idx, pool.booked, self.length, key_states)
+        pool.ensure(layer_idx, self.booked, self.length, key_states)
         pool.k[layer_idx][self.slot, :, self.pos] = k
         pool.v[layer_idx][self.slot, :, self.pos] = v
         for c, past in zip(self.calls, self.pasts):
