@@ -1,5 +1,6 @@
 """Cross-request batching: calls of concurrent generations share one forward and each gets what
 it would get alone (batching.py)."""
+import os
 import threading
 import time
 
@@ -8,6 +9,7 @@ import torch
 from transformers import CohereConfig, CohereForCausalLM, MistralConfig, MistralForCausalLM
 
 from personamix import Generator, PersonamixError
+from personamix.backends import omp
 from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, check_batchable
 from personamix.backends.cache import PreallocatedCache
 from personamix.engine.session import Session
@@ -204,6 +206,65 @@ def test_a_finished_generation_gives_its_slots_back_at_once_and_an_idle_pool_hol
             assert r.token_ids == again.token_ids          # a pool made afresh gives the same tokens
     finally:
         gc.enable()
+
+
+needs_libgomp = pytest.mark.skipif(omp._libgomp() is None or torch.get_num_threads() < 2,
+                                   reason="needs PyTorch on GNU OpenMP (libgomp) and 2+ threads")
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@needs_libgomp
+def test_a_thread_on_one_core_starts_no_team_and_hands_back_the_team_of_its_forward():
+    """libgomp throttles every team once threads holding teams outnumber the cores (omp.py): a
+    generation thread's own ops start none, and the team of the forward it runs is gone after it."""
+    big = torch.randn(256, 8192)
+    omp.release_team()                              # the main thread's, from earlier tests
+    seen = {}
+
+    def worker():
+        omp.use_one_thread()
+        seen["own"] = torch.get_num_threads()
+        start = _os_threads()
+        big.exp()                                   # large enough to run in parallel on 2+ threads
+        seen["own_op"] = _os_threads() - start
+        with omp.team(2):
+            seen["forward"] = torch.get_num_threads()
+            big.exp()
+            seen["forward_op"] = _os_threads() - start
+        seen["after"] = (torch.get_num_threads(), _os_threads() - start)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == {"own": 1, "own_op": 0, "forward": 2, "forward_op": 1, "after": (1, 0)}
+    assert torch.get_num_threads() >= 2            # the main thread's settings are the user's
+
+
+@needs_libgomp
+def test_batched_generations_in_threads_leave_those_threads_on_one_core_and_the_main_thread_as_it_was(pair):
+    batched, fast = pair
+    threads = torch.get_num_threads()
+    out = {}
+
+    def worker(i):
+        r = batched.generate(SEQ[:3], method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6, seed=i,
+                             ignore_eos=True)
+        out[i] = (r.token_ids, torch.get_num_threads())
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for i in range(3):
+        alone = fast.generate(SEQ[:3], method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6, seed=i,
+                              ignore_eos=True)
+        assert out[i] == (alone.token_ids, 1)
+    assert torch.get_num_threads() == threads
+    assert batched.backend.threads == threads       # what a forward uses, whichever thread runs it
 
 
 def test_bf16_models_run_on_every_backend_and_agree_up_to_bf16_rounding(tmp_path):

@@ -36,6 +36,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..engine.session import Backend, Group
 from ..errors import PersonamixError, first_line
+from . import omp
 from .cache import KVPool, SlabCache
 from .multilora import MultiLoraBackend
 
@@ -263,6 +264,8 @@ class BatchingBackend(Backend):
         self._running = False                  # a thread is running a forward (or `paused` holds them)
         self._turn = threading.Condition()     # guards both; notified when a forward ends
         self.forwards = self.calls = 0
+        self.threads = torch.get_num_threads()   # cores for a forward, whichever thread runs it (omp.py)
+        omp.release_team()                       # the team that loaded the model: one team at a time
 
     def new_cache(self, group: Group, names: Sequence[str]) -> SlabCache:
         return SlabCache(self.pool, len(self.lora.row_adapters(group, names)))
@@ -283,6 +286,7 @@ class BatchingBackend(Backend):
         """Several calls of one generation (different groups, e.g. SCR's chunk scoring and its
         next draft step) in the same forward, shared with other generations' waiting calls."""
         calls = [self.call(*r, names) for r in requests]
+        omp.use_one_thread()                   # a generation thread's own tensor work: one core (omp.py)
         with self._turn:
             self._queue.extend(calls)          # all at once: they always land in the same forward
             while self._running and not calls[0].finished:
@@ -293,7 +297,8 @@ class BatchingBackend(Backend):
                 batch, self._queue = self._queue, []
         if lead:
             try:
-                self.run(batch)
+                with omp.team(self.threads):   # the forward on every core
+                    self.run(batch)
             finally:
                 with self._turn:
                     self._running = False
