@@ -10,7 +10,7 @@ from transformers import CohereConfig, CohereForCausalLM, MistralConfig, Mistral
 
 from personamix import Generator, PersonamixError
 from personamix.backends import omp
-from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, check_batchable
+from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, _Batch, check_batchable
 from personamix.backends.cache import PreallocatedCache
 from personamix.engine.session import Session
 from personamix.testing import save_lora, save_tiny
@@ -33,25 +33,33 @@ def test_auto_picks_batching_for_lora_adapters(tiny_gen):
     assert isinstance(tiny_gen.backend, BatchingBackend)
 
 
-def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair):
+@pytest.mark.parametrize("idle_between", [0, 3], ids=["region", "gathered"])
+def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, idle_between):
     """Seven calls in ONE forward (groups ref/prefs/all, adapter subsets in any order, 1..12 new
     tokens over cached prefixes of different lengths: the short ones attend together, the long
     one alone) == each call alone on the fast backend; and the caches they leave behind are
-    right (the next steps agree too)."""
+    right (the next steps agree too). With other generations' idle slots between theirs, the
+    short calls read only their own slots (gathered) instead of the region from first to last."""
     batched, fast = pair
     b = batched.backend
     plans = [("all", ("E", "N", "T"), 3, 1), ("ref", (), 5, 1), ("prefs", ("T", "E"), 2, 4),
              ("all", ("N",), 6, 3), ("prefs", ("E", "N", "T"), 4, 2), ("ref", (), 1, 4),
              ("all", ("E", "T"), 2, 12)]            # a long call (a prompt): attends on its own
-    calls, plain = [], []
+    calls, plain, idle = [], [], []
     for group, names, prefix, new in plans:
+        for _ in range(idle_between):               # 4 slots each, booked by a generation not in this forward
+            idle.append(b.new_cache("all", ("E", "N", "T")))
+            b.forward("all", torch.tensor(SEQ[:7]), idle[-1], 1, ("E", "N", "T"))
         cache = b.new_cache(group, names)
         b.forward(group, torch.tensor(SEQ[:prefix]), cache, 1, names)     # cache the prefix (a call of its own)
         calls.append(b.call(group, torch.tensor(SEQ[prefix: prefix + new]), cache, new, names))
         plain.append((group, names, prefix + new, Session(fast.backend, names or None)))
     forwards = b.forwards
+    assert (_Batch(calls, b.pool, torch.device("cpu")).region is None) == (idle_between > 0)
     b.run(calls)
     assert b.forwards == forwards + 1
+    for cache in idle:
+        b.free_cache(cache)
     for call, (group, names, end, alone) in zip(calls, plain):
         assert call.error is None
         want = alone.logits(group, SEQ[:end], call.n_logits)

@@ -98,29 +98,45 @@ class _Batch:
             self._short_maps(calls, pasts)
 
     def _short_maps(self, calls: list[Call], pasts: list[int]) -> None:
-        """For the short calls: the pool region they use, where their queries go in a padded
-        [region, heads, T, D] query, and the mask of that region (own length, causal)."""
+        """For the short calls: the pool slots their attention reads (the region from their first
+        to their last slot, a view, or, when their rows fill less than half of it, just their own
+        slots, gathered), where their queries go in a padded [slots, heads, T, D] query, and the
+        mask over those slots (own length, causal)."""
         cs = [calls[i] for i in self.short]
-        self.lo = min(c.cache.start for c in cs)
-        self.hi = max(c.cache.start + c.cache.rows for c in cs)
+        lo = min(c.cache.start for c in cs)
+        hi = max(c.cache.start + c.cache.rows for c in cs)
+        rows = sum(c.cache.rows for c in cs)
+        # other generations' slots between theirs (those busy in their samplers, freed ones) would
+        # otherwise cost attention work: at 16 clients the calls' own rows were 30% of the region
+        # (docs/batching.md); a gather copies their keys/values, which costs more than it saves
+        # once they fill most of the region
+        self.region = slice(lo, hi) if 2 * rows > hi - lo else None
+        order = {}                                             # pool slot -> index into the slots read
+        if self.region is None:
+            for c in cs:
+                for r in range(c.cache.rows):
+                    order[c.cache.start + r] = len(order)
+            self.gather = torch.tensor(list(order), device=self.device)
+        n = hi - lo if self.region is not None else len(order)
         self.t_max = max(len(c.tokens) for c in cs)
         self.l_max = max(pasts[i] + len(calls[i].tokens) for i in self.short)
         dst_slot, dst_t, src = [], [], []
-        limit = torch.ones(self.hi - self.lo, self.t_max, dtype=torch.long)   # keys each query may see (>= 1)
+        limit = torch.ones(n, self.t_max, dtype=torch.long)   # keys each query may see (>= 1)
         for i in self.short:
             c, past, o = calls[i], pasts[i], self.offsets[i]
             t = len(c.tokens)
             for r in range(len(c.adapters)):
-                s = c.cache.start + r - self.lo
+                s = c.cache.start + r - lo if self.region is not None else order[c.cache.start + r]
                 dst_slot += [s] * t
                 dst_t += range(t)
                 src += range(o + r * t, o + (r + 1) * t)
                 limit[s, :t] = torch.arange(past + 1, past + t + 1)      # bottom-right causal
+        self.n_slots = n
         self.dst_slot = torch.tensor(dst_slot, device=self.device)
         self.dst_t = torch.tensor(dst_t, device=self.device)
         self.src = torch.tensor(src, device=self.device)
         keys = torch.arange(self.l_max)
-        self.mask = (keys.view(1, 1, 1, -1) < limit.view(self.hi - self.lo, 1, self.t_max, 1)).to(self.device)
+        self.mask = (keys.view(1, 1, 1, -1) < limit.view(n, 1, self.t_max, 1)).to(self.device)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Write the new keys/values [1, kv_heads, S, D] of every call into the pool."""
@@ -142,12 +158,15 @@ class _Batch:
         kp, vp = self.pool.k[i], self.pool.v[i]
         gqa = kp.shape[1] != query.shape[1]
         out = torch.empty_like(query)
-        if self.short:   # every short call in one call: the pool region, padded queries, own-length masks
-            q = query.new_zeros(self.hi - self.lo, query.shape[1], self.t_max, query.shape[3])
+        if self.short:   # every short call in one call: their slots, padded queries, own-length masks
+            q = query.new_zeros(self.n_slots, query.shape[1], self.t_max, query.shape[3])
             q[self.dst_slot, :, self.dst_t] = query[0, :, self.src].transpose(0, 1)
-            region = slice(self.lo, self.hi)
-            o = F.scaled_dot_product_attention(q, kp[region, :, :self.l_max], vp[region, :, :self.l_max],
-                                               attn_mask=self.mask, scale=scaling, enable_gqa=gqa)
+            if self.region is not None:
+                k, v = kp[self.region, :, :self.l_max], vp[self.region, :, :self.l_max]
+            else:
+                k = kp[:, :, :self.l_max].index_select(0, self.gather)
+                v = vp[:, :, :self.l_max].index_select(0, self.gather)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=gqa)
             out[0, :, self.src] = o[self.dst_slot, :, self.dst_t].transpose(0, 1)
         for j in self.long:
             c, past, off = self.calls[j], self.pasts[j], self.offsets[j]
