@@ -39,8 +39,9 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def one_request(url: str, i: int, max_tokens: int, method: str) -> dict:
-    body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "stream": True,
+def one_request(url: str, i: int, max_tokens: int, method: str, unique: bool = False) -> dict:
+    prompt = (f"Question {i}. " if unique else "") + PROMPTS[i % len(PROMPTS)]   # unique: differs from its 2nd word
+    body = {"messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": max_tokens, "persona": PERSONAS[i % len(PERSONAS)], "method": method, "seed": i,
             "temperature": 0.7, "top_p": 0.9}
     start, first, tokens, done = time.perf_counter(), None, 0, False
@@ -81,12 +82,13 @@ def idle_rss_mb(url: str, pid: int | None) -> float | None:
     return rss_mb(pid)
 
 
-def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None) -> dict:
+def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None,
+          unique: bool = False) -> dict:
     before = idle_rss_mb(url, pid)
     forwards, calls = batching(url)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(url, i, max_tokens, method), range(clients * requests)))
+        results = list(pool.map(lambda i: one_request(url, i, max_tokens, method, unique), range(clients * requests)))
     wall = time.perf_counter() - start
     forwards, calls = (x1 - x0 for x0, x1 in zip((forwards, calls), batching(url)))
     ok = [r for r in results if "error" not in r]
@@ -108,10 +110,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, max_pending: int) -> subprocess.Popen:
+def start_server(port: int, max_pending: int, prefix_cache_mb: float) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-m", "personamix.cli", "serve", "--port", str(port),
-                             "--max-pending", str(max_pending)], env=env, stderr=subprocess.DEVNULL)
+                             "--max-pending", str(max_pending), "--prefix-cache-mb", str(prefix_cache_mb)],
+                            env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
@@ -130,17 +133,22 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--method", default="scr")
+    ap.add_argument("--unique", action="store_true",
+                    help="a different prompt for every request (else 4 prompts, each with its own persona, repeat)")
+    ap.add_argument("--prefix-cache-mb", type=float, default=256, help="passed to `personamix serve`")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     proc = None
     url = a.url
     if url is None:
         port = free_port()
-        proc = start_server(port, max_pending=max(a.levels))
+        proc = start_server(port, max_pending=max(a.levels), prefix_cache_mb=a.prefix_cache_mb)
         url = f"http://127.0.0.1:{port}"
     try:
         one_request(url, 0, 4, a.method)                      # warm-up
-        rows = [level(url, c, a.requests, a.max_tokens, a.method, proc.pid if proc else None) for c in a.levels]
+        rows = [level(url, c, a.requests, a.max_tokens, a.method, proc.pid if proc else None, a.unique)
+                for c in a.levels]
+        saved = httpx.get(url + "/health", timeout=10).json().get("prefix_cache")
     finally:
         if proc:
             proc.terminate()
@@ -163,7 +171,11 @@ def main() -> None:
                      f"{sum(r['requests'] for r in last[1:])} more requests).")
     info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "
             f"request, {a.requests} streaming requests per client, personas cycling ENTJ/ISFP/INFJ/ESTP, "
-            f"{os.cpu_count()} CPU cores")
+            f"{os.cpu_count()} CPU cores, {'a different prompt per request' if a.unique else '4 prompts repeating'}, "
+            f"prefix cache {a.prefix_cache_mb:g} MB")
+    if saved:
+        lines.append(f"\nPrefix cache: {saved['hits']} of {saved['lookups']} prompt calls started after a cached "
+                     f"prefix; {saved['tokens_saved']} prompt tokens x rows not recomputed.")
     print(info)
     print("\n".join(lines))
     for r in rows:

@@ -12,6 +12,7 @@ from personamix import Generator, PersonamixError
 from personamix.backends import omp
 from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, _Batch, check_batchable
 from personamix.backends.cache import PreallocatedCache
+from personamix.backends.prefix_cache import PrefixCache
 from personamix.engine.session import Session
 from personamix.testing import save_lora, save_tiny
 
@@ -214,6 +215,56 @@ def test_a_finished_generation_gives_its_slots_back_at_once_and_an_idle_pool_hol
             assert r.token_ids == again.token_ids          # a pool made afresh gives the same tokens
     finally:
         gc.enable()
+
+
+def test_the_prefix_cache_keeps_blocks_per_row_kind_and_evicts_the_least_recently_used():
+    k = [torch.arange(2 * 40 * 3, dtype=torch.float32).view(2, 40, 3) + 1000 * layer for layer in range(3)]
+    cache = PrefixCache(max_bytes=10**9)
+    prompt = list(range(40))
+    cache.store(-1, prompt, k, k)                               # 2 full blocks; the last 8 tokens are not kept
+    assert len(cache) == 2
+    found = cache.lookup(-1, prompt + [7], limit=41)
+    assert len(found) == 2 and torch.equal(found[1].k[2], k[2][:, 16:32])
+    assert cache.lookup(0, prompt, limit=40) == []              # another row kind (an adapter): its own entries
+    assert len(cache.lookup(-1, prompt[:16] + [99] * 24, limit=40)) == 1   # shares the first block only
+    assert len(cache.lookup(-1, prompt, limit=31)) == 1         # never past `limit`
+    one = cache.nbytes // 2
+    small = PrefixCache(max_bytes=3 * one)
+    small.store(-1, prompt, k, k)
+    small.store(0, prompt, k, k)                                # 4 blocks > 3: the oldest (kind -1, block 1) goes
+    assert len(small) == 3 and small.nbytes == 3 * one
+    assert small.lookup(-1, prompt, limit=40) == [] and len(small.lookup(0, prompt, limit=40)) == 2
+
+
+@pytest.mark.parametrize("max_mb", [64, 0.001], ids=["kept", "evicted"])
+def test_prompts_start_after_their_cached_prefix_and_give_what_a_fresh_forward_gives(pair, max_mb):
+    batched, fast = pair
+    b = batched.backend
+    b.cache_prefixes(max_mb)
+    try:
+        base = (SEQ * 3)[:40]
+        prompts = [base, base[:20] + [4, 4, 0, 1, 2] * 3, base[:34], (SEQ * 3)[5:45]]
+        for group, names in [("all", ("E", "N", "T")), ("prefs", ("T",)), ("ref", ())]:
+            for prompt in prompts:
+                with Session(b, names or None) as session, Session(fast.backend, names or None) as alone:
+                    got = session.logits(group, prompt, 3)
+                    assert torch.allclose(got, alone.logits(group, prompt, 3), atol=1e-5)
+                    nxt = session.logits(group, prompt + [1], 1)            # the restored cache goes on
+                    assert torch.allclose(nxt, alone.logits(group, prompt + [1], 1), atol=1e-5)
+        saved = b.prefix_cache.tokens_saved
+        if max_mb > 1:
+            # base's 2 blocks for 4 rows, then the shared first block of prompts 2 and 3 (2 blocks for
+            # base[:34]), and so on for each group: prompts 2-3 of every group start after a cached prefix
+            assert saved >= (16 + 32) * 4 + (16 + 32) * 1 + (16 + 32) * 1
+        else:
+            assert saved == 0 and len(b.prefix_cache) == 0                  # a budget below one block keeps none
+        r = batched.generate(base, method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6, seed=3,
+                             ignore_eos=True)
+        assert r.token_ids == fast.generate(base, method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6,
+                                            seed=3, ignore_eos=True).token_ids
+    finally:
+        b.cache_prefixes(0)
+    assert b.prefix_cache is None
 
 
 needs_libgomp = pytest.mark.skipif(omp._libgomp() is None or torch.get_num_threads() < 2,

@@ -31,6 +31,14 @@ def test_errors_are_one_clear_line(tiny_dir, capsys, extra, msg):
     assert msg in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag,value", [("--max-pending", "0"), ("--prefix-cache-mb", "-1"),
+                                        ("--prefix-cache-mb", "nan")])
+def test_serve_refuses_impossible_settings_before_loading_anything(capsys, flag, value):
+    assert main(["serve", "--model", "/nonexistent/model", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err and "nonexistent" not in err
+
+
 def test_weights_parser():
     assert parse_weights("E=0.7, N=-0.3") == {"E": 0.7, "N": -0.3}
     assert parse_weights(None) is None

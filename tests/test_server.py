@@ -106,6 +106,21 @@ def test_models_health_and_playground(server, client):
     assert page.status_code == 200 and "personamix playground" in page.text and "/v1/chat/completions" in page.text
 
 
+def test_repeated_prompts_start_after_their_cached_prefix_and_health_says_so(gen, server, client):
+    assert "prefix_cache" not in httpx.get(server.url + "/health").json()     # off unless asked for
+    assert gen.backend.cache_prefixes(16)
+    try:
+        messages = [{"role": "system", "content": "you like long walks and you answer what you like " * 2},
+                    {"role": "user", "content": "what do you like"}]
+        texts = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                                extra_body=EXT).choices[0].message.content for _ in range(2)]
+        cache = httpx.get(server.url + "/health").json()["prefix_cache"]
+        assert cache["hits"] >= 2 and cache["tokens_saved"] > 0 and 0 < cache["bytes"] <= 16 * 2**20
+        assert texts[0] == texts[1]     # same seed; the restored prefix equals the computed one (up to rounding)
+    finally:
+        gen.backend.cache_prefixes(0)
+
+
 def test_concurrent_requests_are_independent(client):
     def ask(seed):
         return client.chat.completions.create(

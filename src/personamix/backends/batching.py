@@ -39,6 +39,7 @@ from ..errors import PersonamixError, first_line
 from . import omp
 from .cache import KVPool, SlabCache
 from .multilora import MultiLoraBackend
+from .prefix_cache import BLOCK, PrefixCache
 
 ATTENTION = "personamix_calls"
 #: calls with at most this many new tokens attend together in one call per layer; longer ones
@@ -62,6 +63,7 @@ class Call:
     names: tuple[str, ...] = ()
     logits: torch.Tensor | None = None
     error: BaseException | None = None
+    prompt: list[int] | None = None  # a call over an empty cache: its tokens, for the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -285,6 +287,15 @@ class BatchingBackend(Backend):
         self.forwards = self.calls = 0
         self.threads = torch.get_num_threads()   # cores for a forward, whichever thread runs it (omp.py)
         omp.release_team()                       # the team that loaded the model: one team at a time
+        self.prefix_cache: PrefixCache | None = None
+
+    def cache_prefixes(self, max_mb: float) -> bool:
+        """Keep the keys/values of prompt prefixes across generations, up to `max_mb` MB (0: off):
+        a prompt forward then starts after its longest cached prefix (prefix_cache.py). Off by
+        default: a restored prefix equals a recomputed one up to float rounding only, so seeded
+        generations would depend on what ran before (`personamix serve` turns it on)."""
+        self.prefix_cache = PrefixCache(int(max_mb * 2**20)) if max_mb > 0 else None
+        return self.prefix_cache is not None
 
     def new_cache(self, group: Group, names: Sequence[str]) -> SlabCache:
         return SlabCache(self.pool, len(self.lora.row_adapters(group, names)))
@@ -340,6 +351,8 @@ class BatchingBackend(Backend):
         """One forward over `calls` (of any generations): sets each call's logits, or its error.
         The caller makes sure no other forward runs meanwhile (forward_together does)."""
         try:
+            if self.prefix_cache is not None:
+                self._restore_prefixes(calls)
             if len(calls) == 1:   # alone: exactly the fast backend's forward
                 c = calls[0]
                 c.logits = self.lora.forward_call(c.group, c.tokens, c.cache, c.n_logits, c.names)
@@ -348,9 +361,47 @@ class BatchingBackend(Backend):
                     forward_calls(self.model, calls, self.pool)
             self.forwards += 1
             self.calls += len(calls)
+            if self.prefix_cache is not None:
+                self._store_prefixes(calls)
         except BaseException as e:   # every call of the batch learns of it (their caches are now unusable)
             for c in calls:
                 c.error = e
+
+    def _restore_prefixes(self, calls: list[Call]) -> None:
+        """Calls over an empty cache (prompts) start after the longest prefix cached for all
+        their rows: its keys/values are copied into their slots, their lengths set past it."""
+        pool, cache = self.pool, self.prefix_cache
+        for c in calls:
+            if c.cache.get_seq_length() > 0:
+                continue
+            c.prompt = c.tokens.tolist()
+            limit = len(c.prompt) - c.n_logits          # the positions asked for are computed
+            if limit < BLOCK:
+                continue
+            found = [cache.lookup(kind, c.prompt, limit) for kind in c.adapters]
+            blocks = min(len(f) for f in found)
+            if blocks == 0:
+                continue
+            n = blocks * BLOCK
+            for layer in range(found[0][0].k.shape[0]):
+                like = found[0][0].k[layer].unsqueeze(0)                         # [1, kv_heads, BLOCK, D]
+                pool.ensure(layer, pool.booked, n, like)
+                for r, entries in enumerate(found):
+                    pool.k[layer][c.cache.start + r, :, :n] = torch.cat([e.k[layer] for e in entries[:blocks]], 1)
+                    pool.v[layer][c.cache.start + r, :, :n] = torch.cat([e.v[layer] for e in entries[:blocks]], 1)
+                c.cache.layer(layer).length = n
+            c.tokens = c.tokens[n:]
+            cache.tokens_saved += n * len(c.adapters)
+
+    def _store_prefixes(self, calls: list[Call]) -> None:
+        """Keep the full blocks of every prompt of this forward, per row kind."""
+        pool = self.pool
+        for c in calls:
+            if c.prompt is None or len(c.prompt) < BLOCK:
+                continue
+            for r, kind in enumerate(c.adapters):
+                slot = c.cache.start + r
+                self.prefix_cache.store(kind, c.prompt, [k[slot] for k in pool.k], [v[slot] for v in pool.v])
 
     @property
     def waiting(self) -> int:

@@ -17,6 +17,9 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-pending", type=int, default=16, help="requests in flight before 429 (default: 16)")
+    s.add_argument("--prefix-cache-mb", type=float, default=256,
+                   help="keep the keys/values of prompt prefixes (a shared system prompt) across requests, up "
+                        "to this many MB; 0: off (batched backend only; default: 256)")
     s.set_defaults(func=run)
 
 
@@ -25,7 +28,10 @@ def run(a: argparse.Namespace) -> None:
 
     if a.max_pending < 1:
         raise PersonamixError(f"--max-pending must be >= 1, got {a.max_pending}")
+    if not a.prefix_cache_mb >= 0:
+        raise PersonamixError(f"--prefix-cache-mb must be >= 0, got {a.prefix_cache_mb}")
     gen = load_generator(a)
+    gen.backend.cache_prefixes(a.prefix_cache_mb)      # where the backend can (the batched one)
     if a.engine:
         model_id, where = gen.backend.client.info.base, f"the engine at {a.engine}"
     else:

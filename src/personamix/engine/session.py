@@ -81,6 +81,11 @@ class Backend(ABC):
         garbage-collected (the batched backend's pool slots)."""
         return None
 
+    def cache_prefixes(self, max_mb: float) -> bool:
+        """Keep the keys/values of prompt prefixes across generations, up to `max_mb` MB (0: stop),
+        if this backend can (the batched one: backends/prefix_cache.py). Whether it does."""
+        return False
+
     def forward_together(self, calls: Sequence[tuple[Group, torch.Tensor, object, int]],
                          names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
         """`forward` for calls (group, tokens, cache, n_logits) of different groups of one

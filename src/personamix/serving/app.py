@@ -290,6 +290,10 @@ class Server:
                 "in_flight": self.admission.active, "max_pending": self.admission.limit, "backend": backend.kind}
         if backend.shares_forwards:   # cross-request batching: calls / forwards = mean batch size
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls}
+            cache = backend.prefix_cache
+            if cache is not None:   # prompt rows that started after a cached prefix, tokens not recomputed
+                body["prefix_cache"] = {"lookups": cache.lookups, "hits": cache.hits,
+                                        "tokens_saved": cache.tokens_saved, "blocks": len(cache), "bytes": cache.nbytes}
         if backend.scores_remotely:   # a front over an engine is only as healthy as its engine
             ok = backend.client.healthy()
             body["engine"] = {"url": backend.client.info.url, "ok": ok, "calls": backend.calls,
