@@ -8,6 +8,10 @@ forwards) and its resident memory (when idle) before and after each level. The l
 memory growth is read after a warm-up at full concurrency.
 
     python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
+                             [--unique] [--prefix-cache-mb 256]
+
+Four prompts repeat (each with its persona) unless --unique gives every request its own; the
+server's prefix cache (--prefix-cache-mb, 0 = off) serves what prompts share.
 """
 from __future__ import annotations
 

@@ -17,6 +17,11 @@ forward, not per layer. A call that finds no company runs alone through the mult
 backend's plain forward (its cache is an ordinary transformers cache over its slots), so a
 single generation costs what it costs on `fast`, bit for bit.
 
+Around the forward: generation threads do their own tensor work on one core and the thread that
+runs a forward runs it on all of them, one OpenMP team at a time (omp.py); optionally
+(`cache_prefixes`, on in `personamix serve`) prompt prefixes' keys/values are kept across
+generations and restored into a prompt's slots before its forward (prefix_cache.py).
+
 A row's logits equal what the call would get alone up to float rounding (matmuls over more rows,
 and attention over a padded region, may round differently), so a seeded request is independent
 of its neighbours except where two tokens tie to within that rounding.
@@ -350,9 +355,10 @@ class BatchingBackend(Backend):
     def run(self, calls: list[Call]) -> None:
         """One forward over `calls` (of any generations): sets each call's logits, or its error.
         The caller makes sure no other forward runs meanwhile (forward_together does)."""
+        prefixes = self.prefix_cache            # read once: cache_prefixes may switch it meanwhile
         try:
-            if self.prefix_cache is not None:
-                self._restore_prefixes(calls)
+            if prefixes is not None:
+                self._restore_prefixes(calls, prefixes)
             if len(calls) == 1:   # alone: exactly the fast backend's forward
                 c = calls[0]
                 c.logits = self.lora.forward_call(c.group, c.tokens, c.cache, c.n_logits, c.names)
@@ -361,16 +367,16 @@ class BatchingBackend(Backend):
                     forward_calls(self.model, calls, self.pool)
             self.forwards += 1
             self.calls += len(calls)
-            if self.prefix_cache is not None:
-                self._store_prefixes(calls)
+            if prefixes is not None:
+                self._store_prefixes(calls, prefixes)
         except BaseException as e:   # every call of the batch learns of it (their caches are now unusable)
             for c in calls:
                 c.error = e
 
-    def _restore_prefixes(self, calls: list[Call]) -> None:
+    def _restore_prefixes(self, calls: list[Call], cache: PrefixCache) -> None:
         """Calls over an empty cache (prompts) start after the longest prefix cached for all
         their rows: its keys/values are copied into their slots, their lengths set past it."""
-        pool, cache = self.pool, self.prefix_cache
+        pool = self.pool
         for c in calls:
             if c.cache.get_seq_length() > 0:
                 continue
@@ -393,7 +399,7 @@ class BatchingBackend(Backend):
             c.tokens = c.tokens[n:]
             cache.tokens_saved += n * len(c.adapters)
 
-    def _store_prefixes(self, calls: list[Call]) -> None:
+    def _store_prefixes(self, calls: list[Call], cache: PrefixCache) -> None:
         """Keep the full blocks of every prompt of this forward, per row kind."""
         pool = self.pool
         for c in calls:
@@ -401,7 +407,7 @@ class BatchingBackend(Backend):
                 continue
             for r, kind in enumerate(c.adapters):
                 slot = c.cache.start + r
-                self.prefix_cache.store(kind, c.prompt, [k[slot] for k in pool.k], [v[slot] for v in pool.v])
+                cache.store(kind, c.prompt, [k[slot] for k in pool.k], [v[slot] for v in pool.v])
 
     @property
     def waiting(self) -> int:
