@@ -11,7 +11,7 @@ from transformers import CohereConfig, CohereForCausalLM, MistralConfig, Mistral
 from personamix import Generator, PersonamixError
 from personamix.backends import omp
 from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, _Batch, check_batchable
-from personamix.backends.cache import PreallocatedCache
+from personamix.backends.cache import KVPool, PreallocatedCache, SlabCache
 from personamix.backends.prefix_cache import PrefixCache
 from personamix.engine.session import Session
 from personamix.testing import save_lora, save_tiny
@@ -324,6 +324,33 @@ def test_batched_generations_in_threads_leave_those_threads_on_one_core_and_the_
         assert out[i] == (alone.token_ids, 1)
     assert torch.get_num_threads() == threads
     assert batched.backend.threads == threads       # what a forward uses, whichever thread runs it
+
+
+def test_a_cache_the_collector_frees_inside_the_pools_lock_gives_its_slots_back_later_without_deadlock():
+    """The collector can run a dropped cache's finalizer in any thread at any allocation, also
+    inside the pool's own (non-reentrant) lock, e.g. during `reserve`: that hung the test suite
+    once. The slots are noted then and go back at the pool's next use."""
+    import gc
+
+    pool = KVPool()
+    kept, dropped = SlabCache(pool, 2), SlabCache(pool, 3)
+    dropped.layer(0)                                # its layers point back at it: only the cycle collector frees it
+    del dropped
+    done = threading.Event()
+
+    def collect_inside_the_lock():
+        with pool._lock:
+            gc.collect()
+        done.set()
+
+    t = threading.Thread(target=collect_inside_the_lock, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert done.is_set(), "the finalizer blocked on the pool's lock"
+    assert pool.booked == 2                         # the dropped cache's slots are free again
+    kept.release()
+    kept.release()                                  # once only
+    assert pool.booked == 0 and pool.k == []
 
 
 def test_bf16_models_run_on_every_backend_and_agree_up_to_bf16_rounding(tmp_path):

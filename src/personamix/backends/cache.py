@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 
 import torch
 from transformers import DynamicCache
@@ -93,10 +94,12 @@ class KVPool:
         self._initial = (slots, capacity)
         self._used: list[bool] = []                     # booked slot numbers (may exceed `slots`)
         self._lock = threading.Lock()
+        self._collected: deque[tuple[int, int]] = deque()   # slots of caches the garbage collector freed
 
     def reserve(self, rows: int) -> int:
         """The first slot of a free run of `rows` slots, booked."""
         with self._lock:
+            self._drain()
             run = 0
             for i, used in enumerate(self._used):
                 run = 0 if used else run + 1
@@ -115,17 +118,31 @@ class KVPool:
         the initial size, by the next forward), so an idle backend holds no keys and values.
         No forward can be using them then: a forward's calls keep their slots booked."""
         with self._lock:
+            self._collected.append((start, rows))
+            self._drain()
+
+    def release_later(self, start: int, rows: int) -> None:
+        """`release` for a cache the garbage collector found: it may run in any thread at any
+        allocation, also one inside this pool's lock (a lock it cannot take again), so the slots
+        are only noted here and go back at the pool's next use."""
+        self._collected.append((start, rows))     # deque.append: atomic, no lock
+
+    def _drain(self) -> None:
+        """(Under the lock) free the slots noted by release / release_later."""
+        while self._collected:
+            start, rows = self._collected.popleft()
             for i in range(start, start + rows):
                 self._used[i] = False
-            if not any(self._used):
-                self._used.clear()
-                self.k, self.v = [], []
-                self.slots, self.capacity = self._initial
+        if self._used and not any(self._used):
+            self._used.clear()
+            self.k, self.v = [], []
+            self.slots, self.capacity = self._initial
 
     @property
     def booked(self) -> int:
         """One past the highest booked slot."""
         with self._lock:
+            self._drain()
             return max((i + 1 for i, u in enumerate(self._used) if u), default=0)
 
     def ensure(self, layer: int, slots: int, length: int, like: torch.Tensor) -> None:
@@ -207,7 +224,12 @@ class SlabCache(DynamicCache):
         self.layer_class_to_replicate = lambda: SlabLayer(self, len(self.layers))
         # the slots go back when the generation ends (release) or, at the latest, when the cache is
         # collected (its layers point back at it, so that can wait for the cycle collector)
-        self.release = weakref.finalize(self, pool.release, self.start, rows)
+        self._finalizer = weakref.finalize(self, pool.release_later, self.start, rows)
+
+    def release(self) -> None:
+        """Give the slots back now (once; later calls and the collector then do nothing)."""
+        if self._finalizer.detach() is not None:
+            self.pool.release(self.start, self.rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
