@@ -303,14 +303,16 @@ def test_a_thread_on_one_core_starts_no_team_and_hands_back_the_team_of_its_forw
 
 
 @needs_libgomp
-def test_batched_generations_in_threads_leave_those_threads_on_one_core_and_the_main_thread_as_it_was(pair):
+@pytest.mark.parametrize("which", ["batched", "fast"])
+def test_generations_in_threads_leave_those_threads_on_one_core_and_the_main_thread_as_it_was(pair, which):
     batched, fast = pair
+    gen = batched if which == "batched" else fast
     threads = torch.get_num_threads()
     out = {}
 
     def worker(i):
-        r = batched.generate(SEQ[:3], method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6, seed=i,
-                             ignore_eos=True)
+        r = gen.generate(SEQ[:3], method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6, seed=i,
+                         ignore_eos=True)
         out[i] = (r.token_ids, torch.get_num_threads())
 
     ts = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
@@ -323,7 +325,7 @@ def test_batched_generations_in_threads_leave_those_threads_on_one_core_and_the_
                               ignore_eos=True)
         assert out[i] == (alone.token_ids, 1)
     assert torch.get_num_threads() == threads
-    assert batched.backend.threads == threads       # what a forward uses, whichever thread runs it
+    assert gen.backend.threads == threads           # what a forward uses, whichever thread runs it
 
 
 def test_a_cache_the_collector_frees_inside_the_pools_lock_gives_its_slots_back_later_without_deadlock():

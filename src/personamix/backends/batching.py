@@ -290,8 +290,7 @@ class BatchingBackend(Backend):
         self._running = False                  # a thread is running a forward (or `paused` holds them)
         self._turn = threading.Condition()     # guards both; notified when a forward ends
         self.forwards = self.calls = 0
-        self.threads = torch.get_num_threads()   # cores for a forward, whichever thread runs it (omp.py)
-        omp.release_team()                       # the team that loaded the model: one team at a time
+        self.threads = self.lora.threads         # cores for a forward, whichever thread runs it (omp.py)
         self.prefix_cache: PrefixCache | None = None
 
     def cache_prefixes(self, max_mb: float) -> bool:

@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 from ..engine.session import Group
 from ..errors import PersonamixError, first_line
+from . import omp
 from .cache import PreallocatedCache
 from .local import LocalBackend
 from .onednn import pack_linears
@@ -235,6 +236,8 @@ class MultiLoraBackend(LocalBackend):
         self.dtype = next(model.parameters()).dtype
         self._index = {name: i for i, name in enumerate(self.names)}
         self._lock = threading.Lock()   # the row state is shared by the wrapped layers
+        self.threads = torch.get_num_threads()   # cores for a forward, whichever thread runs it (omp.py)
+        omp.release_team()                       # the team that loaded the model: one team at a time
 
     def adapter_index(self, names: Sequence[str]) -> list[int]:
         """The stacked-adapter indices of `names` (the rows' order in `call` / `packed`)."""
@@ -247,7 +250,8 @@ class MultiLoraBackend(LocalBackend):
     @torch.inference_mode()
     def forward(self, group: Group, tokens: torch.Tensor, cache: PreallocatedCache, n_logits: int,
                 names: Sequence[str]) -> tuple[torch.Tensor, int]:
-        with self._lock:
+        omp.use_one_thread()             # generations in threads take turns: one OpenMP team at a time
+        with self._lock, omp.team(self.threads):
             return self.forward_call(group, tokens, cache, n_logits, names), 1
 
     def forward_call(self, group: Group, tokens: torch.Tensor, cache: PreallocatedCache, n_logits: int,
