@@ -15,8 +15,8 @@ generation threads take turns or share a forward): a generation thread other tha
 thread does its own tensor work (sampling, target math) on one core (`use_one_thread`); the
 thread that runs a forward uses all the cores for it and hands its team back afterwards
 (`team`); the thread that built the backend hands back the team it used to load the model
-(`release_team`). (The PEFT and separate-models backends are left as they were.) Elsewhere (no libgomp: macOS, Windows, another
-OpenMP runtime) all three do nothing.
+(`release_team`). The PEFT and separate-models backends are left as they were. Elsewhere (no
+libgomp: macOS, Windows, another OpenMP runtime) all three do nothing.
 """
 from __future__ import annotations
 
