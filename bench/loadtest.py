@@ -178,7 +178,7 @@ def main() -> None:
             f"{os.cpu_count()} CPU cores, {'a different prompt per request' if a.unique else '4 prompts repeating'}, "
             f"prefix cache {a.prefix_cache_mb:g} MB")
     if saved:
-        lines.append(f"\nPrefix cache: {saved['hits']} of {saved['lookups']} prompt calls started after a cached "
+        lines.append(f"\nPrefix cache: {saved['hits']} of {saved['lookups']} prompt rows found a cached "
                      f"prefix; {saved['tokens_saved']} prompt tokens x rows not recomputed.")
     print(info)
     print("\n".join(lines))

@@ -290,7 +290,6 @@ class BatchingBackend(Backend):
         self._running = False                  # a thread is running a forward (or `paused` holds them)
         self._turn = threading.Condition()     # guards both; notified when a forward ends
         self.forwards = self.calls = 0
-        self.threads = self.lora.threads         # cores for a forward, whichever thread runs it (omp.py)
         self.prefix_cache: PrefixCache | None = None
 
     def cache_prefixes(self, max_mb: float) -> bool:
@@ -300,6 +299,11 @@ class BatchingBackend(Backend):
         generations would depend on what ran before (`personamix serve` turns it on)."""
         self.prefix_cache = PrefixCache(int(max_mb * 2**20)) if max_mb > 0 else None
         return self.prefix_cache is not None
+
+    @property
+    def threads(self) -> int:
+        """Cores a forward runs on, whichever thread runs it (omp.py): the fast backend's."""
+        return self.lora.threads
 
     def new_cache(self, group: Group, names: Sequence[str]) -> SlabCache:
         return SlabCache(self.pool, len(self.lora.row_adapters(group, names)))
@@ -331,7 +335,7 @@ class BatchingBackend(Backend):
                 batch, self._queue = self._queue, []
         if lead:
             try:
-                with omp.team(self.threads):   # the forward on every core
+                with omp.team(self.lora.threads):   # the forward on every core
                     self.run(batch)
             finally:
                 with self._turn:

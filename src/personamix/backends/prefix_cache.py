@@ -44,7 +44,8 @@ class PrefixCache:
         self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self._next_id = 1
         self.nbytes = 0
-        self.hits = self.lookups = 0          # prompt rows served from the cache / looked up
+        self.hits = self.lookups = 0          # prompt rows (one per row kind of a call) that found a
+                                              # cached prefix / that were looked up
         self.tokens_saved = 0                 # prompt tokens x rows not recomputed
 
     def lookup(self, kind: int, tokens: list[int], limit: int) -> list[_Entry]:
