@@ -77,3 +77,30 @@ def test_demo_shows_entj_and_isfp(capsys):
     assert main(["demo", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     assert "--- ENTJ" in out and "--- ISFP" in out and "acceptance" in out
+
+
+def test_bf16_default_model_is_batched_across_requests():
+    """bf16 (the default on a GPU that has it): the real model's own rounding moves its logits by
+    ~0.6 between two matmul shapes, which the batching check now allows for (it refused the model,
+    and `auto` fell back to the unbatched fast backend); packed calls match the fast backend at
+    bf16 precision."""
+    import torch
+
+    from personamix.engine.session import Session
+
+    gen = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", device="cpu", dtype=torch.bfloat16)
+    fast = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", device="cpu", dtype=torch.bfloat16, backend="fast")
+    assert gen.backend.kind == "batched" and next(gen.backend.model.parameters()).dtype == torch.bfloat16
+    b, names = gen.backend, ("E", "N", "T", "J")
+    prompts = [gen.encode("How do you spend a free Saturday?"), gen.encode("Describe your morning.")]
+    calls = [b.call("all", torch.tensor(p), b.new_cache("all", names), 2, names) for p in prompts]
+    b.run(calls)                                                    # one packed forward of both prompts
+    steps = [b.call("all", torch.tensor([28, 30]), c.cache, 2, names) for c in calls]
+    b.run(steps)                                                    # two short calls over their caches
+    # bf16's own rounding: mean |diff| ~0.1, max ~0.7; one position wrong: mean ~2.5, max ~19
+    for p, c, s in zip(prompts, calls, steps):
+        want = Session(fast.backend, list(names)).logits("all", p + [28, 30], 4).float()   # [5, 4, V]
+        got = torch.cat([c.logits, s.logits], 1).float()
+        diff = (got - want).abs()
+        assert c.error is None and s.error is None and diff.mean() < 0.25 and diff.max() < 1.5, diff.max()
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
