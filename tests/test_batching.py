@@ -162,7 +162,8 @@ def test_auto_falls_back_to_the_fast_backend_when_the_model_cannot_batch(tiny_di
         return model
 
     tok = AutoTokenizer.from_pretrained(base)
-    backend = build_backend(windowed(), tok, adapters, "auto")
+    with pytest.warns(UserWarning, match="sliding_window.*take turns"):      # said, not silent
+        backend = build_backend(windowed(), tok, adapters, "auto")
     assert type(backend) is MultiLoraBackend
     assert Session(backend).logits("all", SEQ).shape == (4, 1, 5)
     with pytest.raises(BatchingUnsupported, match="sliding_window"):

@@ -72,9 +72,11 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
                 try:
                     # checks the model first: a refusal leaves it as it was
                     return BatchingBackend(ref, adapters, onednn)
-                except BatchingUnsupported:
+                except BatchingUnsupported as e:
                     if requested == "batched":
                         raise
+                    warnings.warn(f"{e}; concurrent generations take turns on the model instead "
+                                  "(backend='fast')", stacklevel=2)
             return MultiLoraBackend(ref, adapters, onednn)
         except UnsupportedAdapter as e:
             if requested in ("batched", "fast"):
