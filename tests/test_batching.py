@@ -9,7 +9,7 @@ import torch
 from transformers import CohereConfig, CohereForCausalLM, MistralConfig, MistralForCausalLM
 
 from personamix import Generator, PersonamixError
-from personamix.backends import omp
+from personamix.backends import batching, omp
 from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, _Batch, check_batchable
 from personamix.backends.cache import KVPool, PreallocatedCache, SlabCache
 from personamix.backends.prefix_cache import PrefixCache
@@ -34,13 +34,31 @@ def test_auto_picks_batching_for_lora_adapters(tiny_gen):
     assert isinstance(tiny_gen.backend, BatchingBackend)
 
 
+def test_grouped_attention_is_sdpa_with_a_mask():
+    """The CPU attention of short calls (two matmuls, query heads stacked per KV head) against
+    SDPA with the same mask: 6 query heads over 2 KV heads (head h reads KV head h // 3)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    n, kv, g, t, length, d = 5, 2, 3, 4, 9, 8
+    q, k, v = torch.randn(n, kv * g, t, d), torch.randn(n, kv, length, d), torch.randn(n, kv, length, d)
+    mask = torch.arange(length).view(1, 1, 1, -1) < torch.randint(1, length + 1, (n, 1, t, 1))
+    got = _Batch._grouped_attention(SimpleNamespace(mask=mask, bias=None), q, k, v, 0.3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["grouped", "sdpa"])
 @pytest.mark.parametrize("idle_between", [0, 3], ids=["region", "gathered"])
-def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, idle_between):
+def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, idle_between, attention, monkeypatch):
     """Seven calls in ONE forward (groups ref/prefs/all, adapter subsets in any order, 1..12 new
     tokens over cached prefixes of different lengths: the short ones attend together, the long
     one alone) == each call alone on the fast backend; and the caches they leave behind are
     right (the next steps agree too). With other generations' idle slots between theirs, the
     short calls read only their own slots (gathered) instead of the region from first to last."""
+    monkeypatch.setattr(batching, "GROUPED_ON_CPU", attention == "grouped")   # sdpa: what a GPU runs
     batched, fast = pair
     b = batched.backend
     plans = [("all", ("E", "N", "T"), 3, 1), ("ref", (), 5, 1), ("prefs", ("T", "E"), 2, 4),
