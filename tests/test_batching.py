@@ -20,11 +20,17 @@ SEQ = [0, 3, 1, 4, 2, 2, 0, 1, 3, 4, 4, 1, 0, 2, 3, 1, 0, 4, 2, 1]
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """The same tiny model with adapters E, N, T twice: through the batching backend and the plain fast one."""
+def tiny_ent(tmp_path_factory):
+    """A tiny model and its adapters E, N, T on disk."""
     root = tmp_path_factory.mktemp("batching")
     base = save_tiny(root / "base", vocab=5, layers=2, hidden=32)
-    adapters = {name: save_lora(base, root / name, seed=i) for i, name in enumerate("ENT")}
+    return str(base), {name: save_lora(base, root / name, seed=i) for i, name in enumerate("ENT")}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ent):
+    """The same tiny model with adapters E, N, T twice: through the batching backend and the plain fast one."""
+    base, adapters = tiny_ent
     batched = Generator.from_pretrained(str(base), adapters=adapters, backend="batched", device="cpu")
     fast = Generator.from_pretrained(str(base), adapters=adapters, backend="fast", device="cpu")
     return batched, fast
@@ -322,10 +328,35 @@ def test_a_thread_on_one_core_starts_no_team_and_hands_back_the_team_of_its_forw
 
 
 @needs_libgomp
-@pytest.mark.parametrize("which", ["batched", "fast"])
-def test_generations_in_threads_leave_those_threads_on_one_core_and_the_main_thread_as_it_was(pair, which):
+@pytest.mark.parametrize("kind", ["batched", "fast", "lora", "separate"])
+def test_building_a_backend_hands_back_the_team_of_the_thread_that_loaded_it(tiny_ent, kind):
+    """An idle team throttles every other (omp.py): a server's main thread loads the model and
+    then only serves HTTP, so the backend hands its team back."""
+    seen = {}
+
+    def worker():
+        build = lambda: Generator.from_pretrained(tiny_ent[0], adapters=tiny_ent[1], backend=kind, device="cpu")
+        build()                                     # threads a first load starts for good (progress bars, ...)
+        torch.randn(256, 8192).exp()                # this thread now holds a team (a worker thread)
+        start = _os_threads()
+        build()
+        seen["threads"] = _os_threads() - start
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["threads"] == -(torch.get_num_threads() - 1)
+
+
+@needs_libgomp
+@pytest.mark.parametrize("which", ["batched", "fast", "lora"])
+def test_generations_in_threads_leave_those_threads_on_one_core_and_the_main_thread_as_it_was(pair, tiny_ent, which):
+    """Backends whose threads take turns on the model (or share its forwards): each forward on all
+    cores in one OpenMP team, a thread's own work on one core (omp.py)."""
     batched, fast = pair
-    gen = batched if which == "batched" else fast
+    gen = {"batched": batched, "fast": fast}.get(which)
+    if gen is None:
+        gen = Generator.from_pretrained(tiny_ent[0], adapters=tiny_ent[1], backend=which, device="cpu")
     threads = torch.get_num_threads()
     out = {}
 

@@ -9,9 +9,9 @@ padding (a one-token draft beside a k-token chunk to score, or a prompt); every 
 
 Keys and values of every generation in flight live in ONE pool per layer (cache.KVPool,
 [slots, kv_heads, capacity, head_dim]; a generation's group owns a slot per row), so attention
-runs for all short calls (decoding steps and chunks, up to SHORT new tokens) in ONE
-scaled-dot-product-attention call per layer over the pool's region in use, each row masked
-to its own length (causal within its new tokens); long calls (prompts) attend call by call on
+runs for all short calls (decoding steps and chunks, up to SHORT new tokens) at once per
+layer over the pool's slots in use (on CPU two batched matmuls, elsewhere one SDPA call), each
+row masked to its own length (causal within its new tokens); long calls (prompts) attend call by call on
 views of their slots. What the mask and the index maps of a forward need is built once per
 forward, not per layer. A call that finds no company runs alone through the multi-LoRA
 backend's plain forward (its cache is an ordinary transformers cache over its slots), so a
@@ -192,7 +192,6 @@ class _Batch:
                                                scale=scaling, enable_gqa=gqa)
             out[0, :, off: off + rows * t] = o.transpose(0, 1).flatten(1, 2)
         return out.transpose(1, 2)
-
 
     def _grouped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
         """softmax(q k^T * scaling + mask) v for q [n, H, T, D] over k, v [n, KV, L, D] (H = g * KV

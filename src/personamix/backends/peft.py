@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from ..engine.session import Group
 from ..errors import PersonamixError, first_line
 from ..loading import check_same_vocab
+from . import omp
 from .cache import PreallocatedCache
 from .local import LocalBackend
 
@@ -33,6 +34,8 @@ class PeftBackend(LocalBackend):
         # PEFT passes adapter_names= through hooks registered on the shared modules for the
         # duration of a call, so two concurrent calls would see each other's rows: serialise.
         self._lock = threading.Lock()
+        self.threads = torch.get_num_threads()   # cores for a forward, whichever thread runs it (omp.py)
+        omp.release_team()                       # the team that loaded the model: one team at a time
 
     @torch.inference_mode()
     def forward(self, group: Group, tokens: torch.Tensor, cache: PreallocatedCache, n_logits: int,
@@ -45,7 +48,8 @@ class PeftBackend(LocalBackend):
                 raise PersonamixError("no preference models take part")
         kwargs = {self.cache_kw: cache} if rows is None else {self.cache_kw: cache, "adapter_names": rows}
         ids = tokens.view(1, -1).expand(1 if rows is None else len(rows), -1)
-        with self._lock:
+        omp.use_one_thread()             # generations in threads take turns: one OpenMP team at a time
+        with self._lock, omp.team(self.threads):
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=n_logits, **kwargs)
         return out.logits, 1
 
