@@ -15,11 +15,11 @@ import argparse
 import os
 import statistics
 import threading
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from attention_mix import NAMES, one_forward, prefilled  # the server's mix of calls (this folder)
 
 from personamix import Generator
 from personamix.backends import omp
@@ -27,37 +27,18 @@ from personamix.cli.common import quiet
 from personamix.engine.targets import Target, log_probs, token_scores
 from personamix.loading import DEFAULT_MODEL, random_adapters
 
-NAMES = ["A", "B", "C", "D"]
-
-
-def prefilled(gen: Generator, group: str, n: int, ctx: int = 45) -> list:
-    b, out = gen.backend, []
-    for i in range(n):
-        cache = b.new_cache(group, NAMES)
-        b.forward(group, torch.tensor([1000 + (7 * (i + j)) % 30000 for j in range(ctx + 3 * i % 20)]), cache, 1,
-                  NAMES)
-        out.append(cache)
-    return out
-
 
 def forwards(gen: Generator, drafts: list, chunks: list, steps: int) -> list[float]:
     """`steps` packed forwards led from a non-main thread (a team of all cores, as in the server)."""
-    b, out = gen.backend, []
+    out = []
 
     def lead():
         omp.use_one_thread()
         for t in range(steps + 2):
-            calls = [b.call("ref", torch.tensor([5 + t]), c, 1, NAMES) for c in drafts]
-            calls += [b.call("prefs", torch.tensor([5 + t, 6, 7, 8]), c, 4, NAMES) for c in chunks]
-            start = time.perf_counter()
-            with omp.team(b.threads):
-                b.run(calls)
+            with omp.team(gen.backend.threads):
+                took = one_forward(gen, drafts, chunks, t)
             if t >= 2:
-                out.append(time.perf_counter() - start)
-            for c in drafts:
-                b.crop(c, 1)
-            for c in chunks:
-                b.crop(c, 4)
+                out.append(took)
 
     thread = threading.Thread(target=lead)
     thread.start()
@@ -86,7 +67,7 @@ def main() -> None:
     quiet()
     gen = Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, NAMES), backend="batched",
                                     device="cpu")
-    drafts, chunks = prefilled(gen, "ref", 8), prefilled(gen, "prefs", 2)
+    drafts, chunks = prefilled(gen, "ref", 8, 45), prefilled(gen, "prefs", 2, 45)
     omp.release_team()          # the main thread filled the caches: hand its team back, as the server does
     rows = []
     for k in a.threads:
