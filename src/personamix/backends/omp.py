@@ -10,13 +10,14 @@ layer 37 -> 84 us once another thread holds a team; a server request (which runs
 its own while the main thread, which loaded the model, keeps its team) generated at about half
 the speed of the same request in the main thread (docs/loadtest.md).
 
-Every local backend therefore keeps at most one team alive (its `forward`, where generation
-threads take turns, or share a forward on the batched one): a generation thread other than the main
-thread does its own tensor work (sampling, target math) on one core (`use_one_thread`); the
-thread that runs a forward uses all the cores for it and hands its team back afterwards
+The batched, fast and PEFT backends therefore keep at most one team alive (their `forward`s,
+where generation threads take turns or share a forward): a generation thread other than the
+main thread does its own tensor work (sampling, target math) on one core (`use_one_thread`);
+the thread that runs a forward uses all the cores for it and hands its team back afterwards
 (`team`); the thread that built the backend hands back the team it used to load the model
-(`release_team`). Elsewhere (no
-libgomp: macOS, Windows, another OpenMP runtime) all three do nothing.
+(`release_team`). The separate-models backend, whose threads run their forwards concurrently
+(measured faster there, separate.py), only does the last. Elsewhere (no libgomp: macOS,
+Windows, another OpenMP runtime) all three do nothing.
 """
 from __future__ import annotations
 
