@@ -130,3 +130,25 @@ def test_preallocated_layer_matches_dynamic_layer_through_growth_and_rollback():
         ref.crop(crop)
         assert fast.get_seq_length() == ref.get_seq_length()
     assert fast.capacity >= fast.get_seq_length() and fast.capacity <= 32
+
+
+@pytest.fixture
+def cudnn_attention_on():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_cudnn_attention_is_turned_off_for_cuda_only(cudnn_attention_on, tiny_dir):
+    """cuDNN attention builds a graph per input shape, which decoding never repeats (backends/cuda.py):
+    a backend on a GPU turns it off for the process; one on the CPU leaves the process's settings alone."""
+    from personamix.backends.cuda import no_cudnn_attention
+
+    base, adapters = tiny_dir
+    for backend in ("batched", "fast", "lora", "separate"):
+        Generator.from_pretrained(str(base), adapters=adapters, backend=backend, device="cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled(), backend
+    assert no_cudnn_attention(torch.device("cuda")) is True
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert no_cudnn_attention(torch.device("cuda")) is False     # already off: nothing to say

@@ -6,7 +6,8 @@
     separate  every preference model a full model, the paper's setting (separate.py)
 
 `build_backend` picks and builds one; the shared pieces are the KV caches (cache.py), the
-transformers-model base class (local.py) and, on CPU, oneDNN-prepacked linear layers (onednn.py);
+transformers-model base class (local.py), on CPU oneDNN-prepacked linear layers (onednn.py), on an
+NVIDIA GPU attention without cuDNN (cuda.py);
 the batched backend's own are OpenMP teams across threads (omp.py) and prompt prefixes kept
 across generations (prefix_cache.py).
 """

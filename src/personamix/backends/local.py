@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from ..engine.session import Backend, Group
 from .cache import PreallocatedCache
+from .cuda import no_cudnn_attention
 
 
 def cache_kwarg(model: PreTrainedModel) -> str:
@@ -29,6 +30,7 @@ class LocalBackend(Backend):
         self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
         self.device = next(model.parameters()).device
         self.cache_kw = cache_kwarg(model)
+        no_cudnn_attention(self.device)   # on a GPU: decoding's ever-new shapes cost cuDNN a graph each (cuda.py)
 
     def new_cache(self, group: Group, names: Sequence[str]) -> PreallocatedCache:
         return PreallocatedCache()
