@@ -103,15 +103,28 @@ def main() -> None:
             f"vocabulary, the linear target): {1000 * math_s:.2f} ms, done by each generation's thread outside the "
             "forward.\n")
     if a.profile:
-        from torch.profiler import profile
+        from torch.profiler import ProfilerActivity, profile
 
+        cuda = gen.backend.device.type == "cuda"
         sessions = prefilled(gen, a.calls[-1])
         gen.backend.run(step_calls(gen, sessions, 3))
-        with profile() as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
             for t in range(3):
                 gen.backend.run(step_calls(gen, sessions, 4 + t))
-        text += (f"\ntorch.profiler, 3 forwards of {a.calls[-1]} calls, top operators by self time:\n\n```\n"
-                 + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14) + "\n```\n")
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        text += (f"\ntorch.profiler, 3 forwards of {a.calls[-1]} calls ({1000 * wall:.1f} ms of wall time under "
+                 "the profiler), top operators by self CPU time:\n\n```\n"
+                 + events.table(sort_by="self_cpu_time_total", row_limit=14) + "\n```\n")
+        if cuda:   # how busy the GPU was: kernels' time over the wall time (low = the host's launches are the limit)
+            busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+            text += (f"\nGPU kernels ran {1000 * busy:.1f} ms of those {1000 * wall:.1f} ms ({busy / wall:.0%} busy). "
+                     "Top operators by GPU time:\n\n```\n"
+                     + events.table(sort_by="self_device_time_total", row_limit=14) + "\n```\n")
     info = (f"SmolLM2-135M-Instruct, batched backend, N={a.n} random rank-8 LoRA adapters, {CTX}-token contexts, "
             f"one new token per call, device {gen.backend.device}, dtype {next(gen.backend.model.parameters()).dtype}, "
             f"torch {torch.__version__}, {os.cpu_count()} cores {platform.machine()}; median of {a.steps} forwards")

