@@ -88,10 +88,12 @@ class _Batch:
         self.calls, self.pool, self.device = calls, pool, device
         self.booked = pool.booked                 # slots in use: read once per forward, not per layer
         pasts = [c.cache.get_seq_length() for c in calls]
-        self.pasts = pasts
+        lens = [c.tokens.shape[0] for c in calls]         # new tokens per call (len() of a tensor is slow)
+        self.pasts, self.lens = pasts, lens
+        self.layers = 0                                    # layers written so far (update)
         offsets, slot, pos, packed, o = [], [], [], [], 0
-        for c, past in zip(calls, pasts):
-            rows, t = len(c.adapters), len(c.tokens)
+        for c, past, t in zip(calls, pasts, lens):
+            rows = len(c.adapters)
             offsets.append(o)
             for r in range(rows):
                 slot += [c.cache.start + r] * t
@@ -101,13 +103,13 @@ class _Batch:
         self.offsets = offsets
         self.slot = torch.tensor(slot, device=device)            # [S] the pool slot of each packed position
         self.pos = torch.tensor(pos, device=device)              # [S] its position in the sequence
-        self.length = max(p + len(c.tokens) for c, p in zip(calls, pasts))
-        self.short = [i for i, c in enumerate(calls) if len(c.tokens) <= SHORT]
-        self.long = [i for i, c in enumerate(calls) if len(c.tokens) > SHORT]
+        self.length = max(p + t for p, t in zip(pasts, lens))
+        self.short = [i for i, t in enumerate(lens) if t <= SHORT]
+        self.long = [i for i, t in enumerate(lens) if t > SHORT]
         if self.short:
-            self._short_maps(calls, pasts)
+            self._short_maps(calls, pasts, lens)
 
-    def _short_maps(self, calls: list[Call], pasts: list[int]) -> None:
+    def _short_maps(self, calls: list[Call], pasts: list[int], lens: list[int]) -> None:
         """For the short calls: the pool slots their attention reads (the region from their first
         to their last slot, a view, or, when their rows fill less than half of it, just their own
         slots, gathered), where their queries go in a padded [slots, heads, T, D] query, and the
@@ -128,19 +130,19 @@ class _Batch:
                     order[c.cache.start + r] = len(order)
             self.gather = torch.tensor(list(order), device=self.device)
         n = hi - lo if self.region is not None else len(order)
-        self.t_max = max(len(c.tokens) for c in cs)
-        self.l_max = max(pasts[i] + len(calls[i].tokens) for i in self.short)
+        self.t_max = max(lens[i] for i in self.short)
+        self.l_max = max(pasts[i] + lens[i] for i in self.short)
         dst_slot, dst_t, src = [], [], []
-        limit = torch.ones(n, self.t_max, dtype=torch.long)   # keys each query may see (>= 1)
+        limit = [[1] * self.t_max for _ in range(n)]          # keys each query may see (>= 1)
         for i in self.short:
-            c, past, o = calls[i], pasts[i], self.offsets[i]
-            t = len(c.tokens)
+            c, past, o, t = calls[i], pasts[i], self.offsets[i], lens[i]
             for r in range(len(c.adapters)):
                 s = c.cache.start + r - lo if self.region is not None else order[c.cache.start + r]
                 dst_slot += [s] * t
                 dst_t += range(t)
                 src += range(o + r * t, o + (r + 1) * t)
-                limit[s, :t] = torch.arange(past + 1, past + t + 1)      # bottom-right causal
+                limit[s][:t] = range(past + 1, past + t + 1)            # bottom-right causal
+        limit = torch.tensor(limit)                                     # [n, t_max], built in Python: one op
         self.n_slots = n
         self.dst_slot = torch.tensor(dst_slot, device=self.device)
         self.dst_t = torch.tensor(dst_t, device=self.device)
@@ -156,9 +158,14 @@ class _Batch:
         pool.ensure(layer_idx, self.booked, self.length, key_states)
         pool.k[layer_idx][self.slot, :, self.pos] = k
         pool.v[layer_idx][self.slot, :, self.pos] = v
-        for c, past in zip(self.calls, self.pasts):
-            c.cache.layer(layer_idx).length = past + len(c.tokens)
+        self.layers = max(self.layers, layer_idx + 1)
         return key_states, value_states   # unused: attention reads the pool
+
+    def commit(self) -> None:
+        """After the forward: every call's cache holds its new tokens in every layer written (set
+        once here, not per layer: at 64 calls that loop was ~2,000 Python steps per forward)."""
+        for c, past, t in zip(self.calls, self.pasts, self.lens):
+            c.cache.set_length(self.layers, past + t)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0   # positions are passed explicitly
@@ -183,8 +190,8 @@ class _Batch:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=gqa)
             out[0, :, self.src] = o[self.dst_slot, :, self.dst_t].transpose(0, 1)
         for j in self.long:
-            c, past, off = self.calls[j], self.pasts[j], self.offsets[j]
-            rows, t = len(c.adapters), len(c.tokens)
+            c, past, off, t = self.calls[j], self.pasts[j], self.offsets[j], self.lens[j]
+            rows = len(c.adapters)
             q = query[0, :, off: off + rows * t].unflatten(1, (rows, t)).transpose(0, 1)   # [rows, H, T, D]
             mask = torch.ones(t, past + t, dtype=torch.bool, device=query.device).tril(past)
             slots = slice(c.cache.start, c.cache.start + rows)
@@ -231,14 +238,15 @@ def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool) -> No
     dev = next(model.parameters()).device
     batch = _Batch(calls, pool, dev)
     ids, keep, o = [], [], 0
-    for c in calls:
-        rows, t = len(c.adapters), len(c.tokens)
+    for c, t in zip(calls, batch.lens):
+        rows = len(c.adapters)
         ids.append(c.tokens.repeat(rows))
         keep += [o + r * t + j for r in range(rows) for j in range(t - c.n_logits, t)]
         o += rows * t
     hidden = model.get_decoder()(input_ids=torch.cat(ids).view(1, -1), position_ids=batch.pos.view(1, -1),
                                  attention_mask=_PACKED, cache=batch, batch=batch,
                                  use_cache=True).last_hidden_state[0]                          # [S, d]
+    batch.commit()
     logits = model.get_output_embeddings()(hidden.index_select(0, torch.tensor(keep, device=dev)))
     start = 0
     for c in calls:
@@ -249,7 +257,7 @@ def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool) -> No
 
 def token_adapters(calls: list[Call]) -> list[int]:
     """The adapter of every position of the packed sequence (-1: reference)."""
-    return [a for c in calls for a in c.adapters for _ in range(len(c.tokens))]
+    return [a for c in calls for a in c.adapters for _ in range(c.tokens.shape[0])]
 
 
 @torch.inference_mode()

@@ -239,5 +239,12 @@ class SlabCache(DynamicCache):
             self.layers.append(self.layer_class_to_replicate())
         return self.layers[index]
 
+    def set_length(self, layers: int, length: int) -> None:
+        """The first `layers` layers hold `length` positions (written into the pool by the caller)."""
+        if layers > 0:
+            self.layer(layers - 1)
+        for layer in self.layers[:layers]:
+            layer.length = length
+
 
 __all__ = ["PreallocatedLayer", "PreallocatedCache", "KVPool", "SlabLayer", "SlabCache"]
