@@ -5,14 +5,15 @@ and the shipped E/N/T/J adapters, in bf16:
   rss    Does the host memory grow with the shapes a server's packed forwards take? Runs
          --forwards packed forwards of a server-like mix (2-40 generations per forward, one-token
          draft calls and 4-token chunks, contexts of 30-700 tokens, so attention's shapes keep
-         changing), printing RSS and ms per forward every 50. --no-cudnn turns PyTorch's cuDNN
-         attention off for the process (SDPA then picks another kernel); run both and compare.
+         changing), printing RSS and ms per forward every 50. The backends turn PyTorch's cuDNN
+         attention off on CUDA (backends/cuda.py); --cudnn turns it back on after loading, as
+         it was before that change: run both and compare.
   graph  How much of one generation's decoding step is the host's: the step through the
          backend (5 rows, one token), the plain model forward without LoRA, and the plain
          forward replayed from a CUDA graph over a static cache (kernel launches and Python
          work gone), with the kernel launches per forward.
 
-    python bench/gpu_probe.py --config CONFIG.json rss [--no-cudnn] [--forwards 300]
+    python bench/gpu_probe.py --config CONFIG.json rss [--cudnn] [--forwards 300]
     python bench/gpu_probe.py --config CONFIG.json graph
 """
 from __future__ import annotations
@@ -55,9 +56,8 @@ def sync(device: str) -> None:
 
 
 def rss(a) -> None:
-    if a.no_cudnn:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     b = BatchingBackend(model_from(a.config, a.device), {n: str(ADAPTERS / n) for n in NAMES})
+    torch.backends.cuda.enable_cudnn_sdp(a.cudnn)     # the backend turned it off on CUDA; --cudnn: back on
     rng = random.Random(0)
     sessions = []                                     # [cache, group]
 
@@ -92,7 +92,7 @@ def rss(a) -> None:
         if f % 50 == 0:
             print(f"forward {f}: RSS {rss_mb():.0f} MB, {1000 * statistics.median(times[-50:]):.1f} ms per forward "
                   f"(median of the last 50)", flush=True)
-    print(f"{'cuDNN attention off' if a.no_cudnn else 'default SDPA kernels'}: RSS {start_rss:.0f} -> {rss_mb():.0f} "
+    print(f"{'cuDNN attention on' if a.cudnn else 'cuDNN attention off'}: RSS {start_rss:.0f} -> {rss_mb():.0f} "
           f"MB from forward 50 to {a.forwards}; median {1000 * statistics.median(times):.1f} ms per forward")
 
 
@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     sub = ap.add_subparsers(dest="what", required=True)
     r = sub.add_parser("rss")
-    r.add_argument("--no-cudnn", action="store_true")
+    r.add_argument("--cudnn", action="store_true", help="turn cuDNN attention back on after loading")
     r.add_argument("--forwards", type=int, default=300)
     sub.add_parser("graph")
     a = ap.parse_args()

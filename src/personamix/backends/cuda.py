@@ -5,7 +5,7 @@ execution graph for every new input shape and keeps it. Decoding changes the key
 every step, and a server's packed forwards (batching.py) almost never repeat a shape, so each
 forward pays a graph build and the process's memory grows with every one. Measured on one
 NVIDIA H200 (torch 2.11+cu130, bf16, the default model's architecture, 200 server-like packed
-forwards; `python bench/gpu_probe.py --config CONFIG rss [--no-cudnn]`, docs/bench/gpu.md):
+forwards; `python bench/gpu_probe.py --config CONFIG rss [--cudnn]`, docs/bench/gpu.md):
 with cuDNN, host memory grew 1808 -> 2091 MB (about 1.9 MB per forward) at 77.5 ms per
 forward; without it, 1653 -> 1656 MB at 44.1 ms. SDPA then uses its flash or memory-efficient
 kernels (the same math; outputs differ by float rounding only).
