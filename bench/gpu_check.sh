@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Issue 16's GPU checks in one run (~8 minutes on one NVIDIA H200), as run on the device this
-# project is sometimes lent. Results go to $OUT (default /tmp/gpu_check):
+# Issue 16's GPU checks in one run (~10 minutes on one NVIDIA H200) on the device this
+# project is sometimes lent (steps 1, 2 and 4 ran as one call on 2026-11-30, step 3 as its own;
+# docs/bench/gpu.md). Results go to $OUT (default /tmp/gpu_check):
 #   1. `personamix serve` on the GPU in its default dtype: the backend /health reports, and the
 #      load test at 1, 16 and 64 streaming clients (target: 64 in flight >= 20x one's tokens/s);
 #   2. one packed decode step of the batched backend at 1, 16 and 64 calls, with torch.profiler
 #      (CPU and GPU time: how busy the GPU is tells whether launches are the limit);
-#   3. `personamix eval qa --workers 64 --generate-only` answers/s, this tree against BEFORE
+#   3. bench/gpu_probe.py: one step eager vs replayed from a CUDA graph, and host memory over 200
+#      packed forwards with cuDNN attention off (the backends' default) and back on;
+#   4. `personamix eval qa --workers 64 --generate-only` answers/s, this tree against BEFORE
 #      (a tree of the code before the issue's work, e.g. `git archive f92a591 src/personamix`,
 #      its adapter weights linked to this tree's, which are the same), same questions and seeds.
 #
@@ -45,6 +48,13 @@ timeout 240 $PY bench/loadtest.py --levels $LEVELS --requests 2 --max-tokens 32 
 say profile
 # shellcheck disable=SC2086
 timeout 120 $PY bench/batch_profile.py --device "$DEVICE" --calls $CALLS --profile --out "$OUT/batch_profile_$DEVICE.md"
+
+say probe
+CONFIG="$PERSONAMIX_CACHE/models/smollm2-135m-instruct"
+{ timeout 60 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" graph
+  timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200
+  timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200 --cudnn
+} 2>&1 | grep -v -i "warn" | tee "$OUT/probe.txt"
 
 qa() {  # $1: name, $2: the PYTHONPATH entry holding personamix. Own cache (merged adapters), same model
     local name=$1 src=$2 cache=/tmp/gpu_check_qa_$1
