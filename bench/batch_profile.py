@@ -27,28 +27,30 @@ from personamix.loading import DEFAULT_MODEL, random_adapters
 CTX = 100
 
 
-def prefilled(gen: Generator, c: int) -> list:
-    """c caches of the "all" group (N+1 rows), each holding a different CTX-token context."""
+def prefilled(gen: Generator, c: int, names: tuple[str, ...] | None = None) -> list:
+    """c caches of the "all" group (the reference + `names`, default every adapter), each holding a
+    different CTX-token context."""
     b, caches = gen.backend, []
+    names = names or b.names
     for i in range(c):
-        cache = b.new_cache("all", b.names)
+        cache = b.new_cache("all", names)
         b.forward("all", torch.tensor([1000 + (7 * (i + j)) % 30000 for j in range(CTX)], device=b.device),
-                  cache, 1, b.names)
+                  cache, 1, names)
         caches.append(cache)
     return caches
 
 
-def step_calls(gen: Generator, caches: list, token: int) -> list:
+def step_calls(gen: Generator, caches: list, token: int, names: tuple[str, ...] | None = None) -> list:
     """One decoding-step call per cache (its next token), ready for backend.run (one forward)."""
     b = gen.backend
-    return [b.call("all", torch.tensor([token], device=b.device), cache, 1, b.names) for cache in caches]
+    return [b.call("all", torch.tensor([token], device=b.device), cache, 1, names or b.names) for cache in caches]
 
 
-def time_forwards(gen: Generator, c: int, steps: int) -> list[float]:
-    sessions = prefilled(gen, c)
+def time_forwards(gen: Generator, c: int, steps: int, names: tuple[str, ...]) -> list[float]:
+    sessions = prefilled(gen, c, names)
     out = []
     for t in range(steps + 1):
-        calls = step_calls(gen, sessions, 5 + t)
+        calls = step_calls(gen, sessions, 5 + t, names)
         start = time.perf_counter()
         gen.backend.run(calls)
         if gen.device_sync:
@@ -73,6 +75,8 @@ def target_math(gen: Generator, n: int, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--used", type=int, default=None,
+                    help="adapters each call uses, the first K of the N (default all; a persona uses 4 of 8 poles)")
     ap.add_argument("--calls", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="cpu")
@@ -82,41 +86,47 @@ def main() -> None:
     a = ap.parse_args()
     quiet()
     names = [chr(ord("A") + i) for i in range(a.n)]
+    used = tuple(names[: a.used or a.n])
+    r = len(used) + 1                                  # rows per call
     dtype = getattr(torch, a.dtype) if a.dtype else None
     gen = Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, names), backend="batched",
                                     device=a.device, dtype=dtype)
     gen.device_sync = torch.cuda.synchronize if gen.backend.device.type == "cuda" else None
     rows = []
     for c in a.calls:
-        t = statistics.median(time_forwards(gen, c, a.steps))
+        t = statistics.median(time_forwards(gen, c, a.steps, used))
         rows.append((c, t))
-        print(f"{c} calls ({c * (a.n + 1)} rows): {1000 * t:.1f} ms per forward, {1000 * t / c:.2f} ms per call",
+        print(f"{c} calls ({c * r} rows): {1000 * t:.1f} ms per forward, {1000 * t / c:.2f} ms per call",
               flush=True)
-    math_s = target_math(gen, a.n, 20)
+    math_s = target_math(gen, len(used), 20)
     lines = ["| calls in the forward | rows | ms per forward | ms per call | calls / s | x one call's rate |",
              "|---|---|---|---|---|---|"]
     base = rows[0][1] / rows[0][0]
     for c, t in rows:
-        lines.append(f"| {c} | {c * (a.n + 1)} | {1000 * t:.1f} | {1000 * t / c:.2f} | {c / t:.1f} | "
+        lines.append(f"| {c} | {c * r} | {1000 * t:.1f} | {1000 * t / c:.2f} | {c / t:.1f} | "
                      f"{base * c / t:.2f} |")
-    text = ("\n".join(lines) + f"\n\nThe target math of one token step (log-softmax of {a.n + 1} rows over the "
+    text = ("\n".join(lines) + f"\n\nThe target math of one token step (log-softmax of {r} rows over the "
             f"vocabulary, the linear target): {1000 * math_s:.2f} ms, done by each generation's thread outside the "
             "forward.\n")
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
         cuda = gen.backend.device.type == "cuda"
-        sessions = prefilled(gen, a.calls[-1])
-        gen.backend.run(step_calls(gen, sessions, 3))
+        sessions = prefilled(gen, a.calls[-1], used)
+        gen.backend.run(step_calls(gen, sessions, 3, used))
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             for t in range(3):
-                gen.backend.run(step_calls(gen, sessions, 4 + t))
+                gen.backend.run(step_calls(gen, sessions, 4 + t, used))
             if cuda:
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
         events = prof.key_averages()
+        ops = sum(e.count for e in events if e.device_type.name == "CPU") / 3
+        kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / 3
+        text += f"\nOperator calls per forward (nested ones included): {ops:.0f}" + (
+            f"; GPU kernels per forward: {kernels:.0f}.\n" if cuda else ".\n")
         text += (f"\ntorch.profiler, 3 forwards of {a.calls[-1]} calls ({1000 * wall:.1f} ms of wall time under "
                  "the profiler), top operators by self CPU time:\n\n```\n"
                  + events.table(sort_by="self_cpu_time_total", row_limit=14) + "\n```\n")
@@ -125,7 +135,8 @@ def main() -> None:
             text += (f"\nGPU kernels ran {1000 * busy:.1f} ms of those {1000 * wall:.1f} ms ({busy / wall:.0%} busy). "
                      "Top operators by GPU time:\n\n```\n"
                      + events.table(sort_by="self_device_time_total", row_limit=14) + "\n```\n")
-    info = (f"SmolLM2-135M-Instruct, batched backend, N={a.n} random rank-8 LoRA adapters, {CTX}-token contexts, "
+    info = (f"SmolLM2-135M-Instruct, batched backend, N={a.n} random rank-8 LoRA adapters (each call uses "
+            f"{len(used)}), {CTX}-token contexts, "
             f"one new token per call, device {gen.backend.device}, dtype {next(gen.backend.model.parameters()).dtype}, "
             f"torch {torch.__version__}, {os.cpu_count()} cores {platform.machine()}; median of {a.steps} forwards")
     print(info)

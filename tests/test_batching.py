@@ -94,6 +94,29 @@ def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, i
         assert torch.allclose(after, alone.logits(group, SEQ[:end] + [2]), atol=1e-5)
 
 
+@pytest.mark.parametrize("names", [("N",), ("T", "E")], ids=["gathered", "padded"])
+def test_packed_calls_over_some_of_the_adapters(pair, names):
+    """A forward whose rows use some of the adapters: under half of them (one of three) gathers
+    their A/B; at least half (two of three) pads every adapter, the unused one with padding only,
+    and uses the stacked A/B as they lie. Either way each call gets what it gets alone."""
+    batched, fast = pair
+    b = batched.backend
+    calls, plain = [], []
+    for group, prefix, new in (("all", 3, 1), ("prefs", 5, 2), ("ref", 4, 1), ("prefs", 2, 3)):
+        cache = b.new_cache(group, names)
+        b.forward(group, torch.tensor(SEQ[:prefix]), cache, 1, names)
+        calls.append(b.call(group, torch.tensor(SEQ[prefix: prefix + new]), cache, new, names))
+        plain.append((group, prefix + new, Session(fast.backend, names)))
+    rows = b.lora.rows
+    with b.lora.packed_rows(batching.token_adapters(calls)):
+        assert rows.all_in_order == (len(names) == 2)
+        assert len(rows.index) == (3 if len(names) == 2 else 1)
+    b.run(calls)
+    for call, (group, end, alone) in zip(calls, plain):
+        assert call.error is None
+        assert torch.allclose(call.logits, alone.logits(group, SEQ[:end], call.n_logits), atol=1e-5)
+
+
 def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
     batched, fast = pair
     b = batched.backend

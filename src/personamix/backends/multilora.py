@@ -55,7 +55,9 @@ class AdapterRows:
     index: the adapters in use (None: no row has a delta, a plain forward).
     Call mode: batch rows start.. use adapters index[0], index[1], ... (one row each).
     Packed mode: index[u] applies to the flattened positions gather[u*G : (u+1)*G], each
-    adapter's positions padded to G with `valid` [U*G, 1] = 0 on the padding.
+    adapter's positions padded to G with `valid` [U*G, 1] = 0 on the padding. When at least half
+    of the adapters take part, index is all of them (unused ones all padding), so the layers use
+    the stacked A/B without gathering them (two fewer kernels per layer and forward).
     """
 
     index: torch.Tensor | None = None
@@ -81,7 +83,12 @@ class AdapterRows:
         """Packed-sequence position i uses adapter adapters[i] (-1: none) during the block."""
         used = sorted({a for a in adapters if a >= 0})
         if used:
-            members = {a: [i for i, x in enumerate(adapters) if x == a] for a in used}
+            if 2 * len(used) >= n_adapters:   # pad to every adapter: the stacked A/B are then used as
+                used = list(range(n_adapters))  # they lie, not gathered in every layer, for <= U*G padding rows
+            members = {a: [] for a in used}
+            for i, a in enumerate(adapters):
+                if a >= 0:
+                    members[a].append(i)
             g = max(len(m) for m in members.values())
             self.start, self.key = 0, tuple(used)
             self.all_in_order = used == list(range(n_adapters))
