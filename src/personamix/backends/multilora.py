@@ -57,7 +57,7 @@ class AdapterRows:
     Packed mode: index[u] applies to the flattened positions gather[u*G : (u+1)*G], each
     adapter's positions padded to G with `valid` [U*G, 1] = 0 on the padding. When at least half
     of the adapters take part, index is all of them (unused ones all padding), so the layers use
-    the stacked A/B without gathering them (two fewer kernels per layer and forward).
+    the stacked A/B without gathering them (two fewer index ops per adapted linear and forward).
     """
 
     index: torch.Tensor | None = None
