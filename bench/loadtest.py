@@ -177,7 +177,8 @@ def main() -> None:
     info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "
             f"request, {a.requests} streaming requests per client, personas cycling ENTJ/ISFP/INFJ/ESTP, "
             f"{os.cpu_count()} CPU cores, {'a different prompt per request' if a.unique else '4 prompts repeating'}, "
-            f"prefix cache {a.prefix_cache_mb:g} MB, server backend {health['backend']!r}")
+            f"prefix cache {a.prefix_cache_mb:g} MB, server backend {health['backend']!r} on {health['device']} "
+            f"in {health['dtype']}")
     if saved:
         lines.append(f"\nPrefix cache: {saved['hits']} of {saved['lookups']} prompt rows found a cached "
                      f"prefix; {saved['tokens_saved']} prompt tokens x rows not recomputed.")

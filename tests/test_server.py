@@ -101,6 +101,7 @@ def test_models_health_and_playground(server, client):
     assert ids == [MODEL, f"{MODEL}:E", f"{MODEL}:N"]
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["backend"] == "batched"   # requests share forwards
+    assert health["device"] == "cpu" and health["dtype"] == "float32"
     assert health["batching"]["calls"] >= health["batching"]["forwards"]
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "personamix playground" in page.text and "/v1/chat/completions" in page.text

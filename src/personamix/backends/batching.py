@@ -321,7 +321,7 @@ class BatchingBackend(Backend):
         self.lora = MultiLoraBackend(model, adapters, onednn)
         self.model = model
         self.names, self.vocab_size = self.lora.names, self.lora.vocab_size
-        self.max_length, self.device = self.lora.max_length, self.lora.device
+        self.max_length, self.device, self.dtype = self.lora.max_length, self.lora.device, self.lora.dtype
         self.packed_linears = self.lora.packed_linears
         model.set_attn_implementation(ATTENTION)
         self.pool = KVPool()                   # every generation's keys and values (cache.KVPool)

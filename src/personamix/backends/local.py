@@ -29,6 +29,7 @@ class LocalBackend(Backend):
         self.vocab_size = int(text_config.vocab_size)
         self.max_length = int(getattr(text_config, "max_position_embeddings", 2048))
         self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
         self.cache_kw = cache_kwarg(model)
         no_cudnn_attention(self.device)   # on a GPU: decoding's ever-new shapes cost cuDNN a graph each (cuda.py)
 

@@ -240,7 +240,6 @@ class MultiLoraBackend(LocalBackend):
         self.model = model.eval()
         self.rows = attach(model, adapters) if adapters else AdapterRows()
         self.packed_linears = pack_linears(model) if onednn else 0
-        self.dtype = next(model.parameters()).dtype
         self._index = {name: i for i, name in enumerate(self.names)}
         self._lock = threading.Lock()   # the row state is shared by the wrapped layers
         self.threads = torch.get_num_threads()   # cores for a forward, whichever thread runs it (omp.py)

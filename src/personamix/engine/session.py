@@ -30,13 +30,16 @@ GROUPS: tuple[str, ...] = ("ref", "prefs", "all")
 
 
 class Backend(ABC):
-    """Scores groups of rows over caches. Subclasses set the four facts below in __init__ and
-    declare what else they can do in the class attributes (capabilities, never probed)."""
+    """Scores groups of rows over caches. Subclasses set the four facts below (and dtype, where the
+    models run in this process) in __init__ and declare what else they can do in the class
+    attributes (capabilities, never probed)."""
 
     names: tuple[str, ...]       # preference-model names, row i+1 = names[i]
     vocab_size: int
     max_length: int              # context length in tokens
     device: torch.device
+    #: the models' dtype in this process (None where they run elsewhere: the remote backend)
+    dtype: torch.dtype | None = None
 
     #: short name (`backend=` in Generator.from_pretrained, GET /health)
     kind: ClassVar[str] = "?"

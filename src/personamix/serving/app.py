@@ -287,7 +287,9 @@ class Server:
     def health(self) -> JSONResponse:
         backend = self.gen.backend
         body = {"status": "ok", "model": self.model_id, "adapters": list(self.gen.adapter_names),
-                "in_flight": self.admission.active, "max_pending": self.admission.limit, "backend": backend.kind}
+                "in_flight": self.admission.active, "max_pending": self.admission.limit, "backend": backend.kind,
+                "device": str(backend.device),
+                "dtype": str(backend.dtype).removeprefix("torch.") if backend.dtype is not None else None}
         if backend.shares_forwards:   # cross-request batching: calls / forwards = mean batch size
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls}
             cache = backend.prefix_cache
