@@ -59,7 +59,6 @@ def rss(a) -> None:
     b = BatchingBackend(model_from(a.config, a.device), {n: str(ADAPTERS / n) for n in NAMES})
     torch.backends.cuda.enable_cudnn_sdp(a.cudnn)     # the backend turned it off on CUDA; --cudnn: back on
     rng = random.Random(0)
-    sessions = []                                     # [cache, group]
 
     def new_session():
         group = rng.choice(["ref", "prefs", "all"])
@@ -68,7 +67,7 @@ def rss(a) -> None:
         b.run([b.call(group, ids, cache, 1, NAMES)])
         return [cache, group]
 
-    sessions = [new_session() for _ in range(48)]
+    sessions = [new_session() for _ in range(48)]        # [cache, group] of 48 generations in flight
     times, start_rss = [], None
     for f in range(1, a.forwards + 1):
         chosen = rng.sample(range(len(sessions)), rng.randrange(2, 41))
