@@ -4,7 +4,8 @@ Starts the server as a subprocess (default model + shipped MBTI adapters) unless
 given, sends a bounded number of streaming chat requests per level, and prints p50/p95
 latency, time to first token, aggregate tokens/s, errors, dropped streams (no [DONE]), the
 server's mean batch size (generation steps served per model forward: concurrent requests share
-forwards) and its resident memory (when idle) before and after each level. The last level is repeated, so
+forwards; the share of the level's time in model forwards and waiting for company before
+them) and its resident memory (when idle) before and after each level. The last level is repeated, so
 memory growth is read after a warm-up at full concurrency.
 
     python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
@@ -72,9 +73,11 @@ def one_request(url: str, i: int, max_tokens: int, method: str, unique: bool = F
     return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens, "dropped": not done}
 
 
-def batching(url: str) -> tuple[int, int]:
+def batching(url: str) -> tuple[float, ...]:
+    """The server's counters: forwards, calls they served, seconds in forwards, seconds waiting
+    for company before them."""
     b = httpx.get(url + "/health", timeout=10).json().get("batching") or {}
-    return b.get("forwards", 0), b.get("calls", 0)
+    return b.get("forwards", 0), b.get("calls", 0), b.get("busy_s", 0.0), b.get("waited_s", 0.0)
 
 
 def idle_rss_mb(url: str, pid: int | None) -> float | None:
@@ -89,12 +92,12 @@ def idle_rss_mb(url: str, pid: int | None) -> float | None:
 def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None,
           unique: bool = False) -> dict:
     before = idle_rss_mb(url, pid)
-    forwards, calls = batching(url)
+    counters = batching(url)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(url, i, max_tokens, method, unique), range(clients * requests)))
     wall = time.perf_counter() - start
-    forwards, calls = (x1 - x0 for x0, x1 in zip((forwards, calls), batching(url)))
+    forwards, calls, busy, waited = (x1 - x0 for x0, x1 in zip(counters, batching(url)))
     ok = [r for r in results if "error" not in r]
     lat = sorted(r["latency"] for r in ok) or [float("nan")]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
@@ -104,7 +107,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
             "ttft_p50_s": statistics.median(ttft), "tokens": sum(r["tokens"] for r in ok),
             "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before,
             "rss_after_mb": idle_rss_mb(url, pid),
-            "batch": calls / forwards if forwards else None,
+            "batch": calls / forwards if forwards else None, "busy": busy / wall, "waited": waited / wall,
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
 
@@ -160,12 +163,14 @@ def main() -> None:
             proc.wait(timeout=30)
     single = rows[0]["agg_tok_s"]
     head = ("| clients | requests | errors | dropped | p50 latency | p95 latency | TTFT p50 | aggregate tok/s | "
-            "x 1 client | steps per forward | RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "x 1 client | steps per forward | in forwards / waiting | RSS before -> after |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [
         f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s "
         f"| {r['p95_s']:.1f} s "
         f"| {r['ttft_p50_s']:.2f} s | {r['agg_tok_s']:.1f} | {r['agg_tok_s'] / single:.2f} "
         f"| {'-' if r['batch'] is None else format(r['batch'], '.1f')} "
+        f"| {r['busy']:.0%} / {r['waited']:.0%} "
         f"| {r['rss_before_mb'] or 0:.0f} -> {r['rss_after_mb'] or 0:.0f} MB |" for r in rows]
     last = [r for r in rows if r["clients"] == rows[-1]["clients"]]
     if len(last) > 1 and last[0]["rss_after_mb"]:

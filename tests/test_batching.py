@@ -445,3 +445,70 @@ def test_bf16_models_run_on_every_backend_and_agree_up_to_bf16_rounding(tmp_path
                                 ("token-rs", {"E": 1.0}), ("base", None)]:
             r = g.generate(SEQ[:3], method=method, weights=weights, max_new_tokens=10, seed=3, ignore_eos=True)
             assert len(r.token_ids) == 10
+
+
+def _calls_in_a_thread(backend, n, pause, start=0.0, hold=None):
+    """A thread that makes `n` one-token reference calls of one generation, `pause` seconds apart
+    (standing in for a sampler's work between forwards), after `start` seconds; with `hold` (an
+    Event) it stops after its first call without ending its generation until `hold` is set."""
+    def run():
+        time.sleep(start)
+        session = Session(backend)
+        for i in range(n):
+            session.logits("ref", SEQ[: 3 + i], 1)
+            if hold is not None:
+                hold.wait(60)
+                break
+            time.sleep(pause)
+        session.close()
+    return threading.Thread(target=run, daemon=True)
+
+
+def _run_all(threads, limit=60):
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=limit)
+    assert not any(t.is_alive() for t in threads), "a generation hung waiting for a forward"
+
+
+def test_the_next_forward_waits_for_the_generations_the_last_one_served(pair, monkeypatch):
+    """Two generations whose calls never overlap (each forward takes a few ms, their samplers 40 ms,
+    one starts 20 ms after the other) take turns on the model without the wait; with it, after
+    the first forward every forward serves both."""
+    b = pair[0].backend
+    n, counts = 6, {}
+    for wait in (0.0, 1000.0):       # 1000 forwards' time: far longer than the 20 ms offset
+        monkeypatch.setattr(b, "gather_wait", wait)
+        forwards, calls = b.forwards, b.calls
+        _run_all([_calls_in_a_thread(b, n, 0.04), _calls_in_a_thread(b, n, 0.04, start=0.02)])
+        assert b.calls - calls == 2 * n
+        counts[wait] = b.forwards - forwards
+    assert counts[1000.0] <= n + 1 < counts[0.0]
+
+
+def test_a_lone_generation_and_one_whose_partner_ended_are_never_waited_for(pair, monkeypatch):
+    """With an unbounded wait, a generation alone, or one whose partner has closed its session,
+    still runs: the wait is only ever for a thread that may yet queue a call."""
+    b = pair[0].backend
+    monkeypatch.setattr(b, "gather_wait", 1e6)   # hours
+    _run_all([_calls_in_a_thread(b, 5, 0.0)])
+    _run_all([_calls_in_a_thread(b, 2, 0.01), _calls_in_a_thread(b, 6, 0.01, start=0.005)])
+
+
+def test_a_generation_that_goes_quiet_is_waited_for_at_most_a_few_forwards(pair, monkeypatch):
+    """One generation makes a call and then neither calls again nor ends; the other goes on after a
+    bounded wait, and later forwards do not wait for the quiet one again."""
+    b = pair[0].backend
+    monkeypatch.setattr(b, "gather_wait", 3.0)
+    hold, waited = threading.Event(), b.waited_s
+    quiet = _calls_in_a_thread(b, 1, 0.0, hold=hold)
+    quiet.start()
+    while quiet.is_alive() and not b._away:   # its call was served
+        time.sleep(0.001)
+    try:
+        _run_all([_calls_in_a_thread(b, 5, 0.0)])
+    finally:
+        hold.set()
+        quiet.join(timeout=60)
+    assert b.waited_s > waited

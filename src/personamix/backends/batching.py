@@ -2,8 +2,12 @@
 
 Every generation runs its sampler in its own thread and calls `forward` as usual. A call that
 arrives while a forward is running waits; the next forward runs every call that accumulated
-meanwhile (continuous batching with no scheduler and no tuning knob: the batch is whatever
-is waiting, so a lone request is never delayed). All rows are packed into one sequence without
+meanwhile (continuous batching with no scheduler thread). Before it starts, the thread that
+runs it waits, for at most `gather_wait` times a forward's duration, until the generations
+served by the previous forward have queued their next call: without that wait, concurrent
+generations split into two cohorts that take turns (one in its forward while the other runs
+its samplers), and every forward carries half of them (docs/batching.md, "Gathering"). A
+generation that is alone, or whose thread has queued its call, is never waited for. All rows are packed into one sequence without
 padding (a one-token draft beside a k-token chunk to score, or a prompt); every linear layer
 (the bulk of the cost) runs once over it, LoRA deltas included (the multi-LoRA packed mode).
 
@@ -29,6 +33,7 @@ of its neighbours except where two tokens tie to within that rounding.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +58,8 @@ SHORT = 8
 #: short calls on CPU attend through two batched matmuls (_Batch._grouped_attention) rather than
 #: SDPA's flash kernel: measured faster at every mix and context tried (bench/attention_mix.py)
 GROUPED_ON_CPU = True
+#: BatchingBackend's default gather_wait (see there); measured in docs/batching.md ("Gathering")
+GATHER_WAIT = 1.0
 
 
 class BatchingUnsupported(PersonamixError):
@@ -72,6 +79,7 @@ class Call:
     logits: torch.Tensor | None = None
     error: BaseException | None = None
     prompt: list[int] | None = None  # a call over an empty cache: its tokens, for the prefix cache
+    thread: int | None = None        # the thread that queued it (forward_together)
 
     @property
     def finished(self) -> bool:
@@ -310,13 +318,20 @@ class BatchingBackend(Backend):
     generation thread) run as ONE forward of the base model (see the module docstring). Takes
     over the model's attention implementation: use the model through this backend only.
     `forwards` / `calls` count model forwards and the calls they served (calls / forwards = mean
-    batch size)."""
+    batch size); `busy_s` / `waited_s` are the seconds spent in forwards and waiting for company
+    before them.
+
+    gather_wait: how long the thread about to run a forward may wait for the generations the
+    previous forward served to queue again, in multiples of a forward's recent duration (0: start
+    at once with whatever is queued). Waiting longer than a forward is never worth it: a
+    generation that misses this forward gets the next one."""
 
     kind = "batched"
     fuses_groups = True
     shares_forwards = True
 
-    def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True):
+    def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True,
+                 gather_wait: float = GATHER_WAIT):
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
         self.lora = MultiLoraBackend(model, adapters, onednn)
         self.model = model
@@ -329,7 +344,11 @@ class BatchingBackend(Backend):
         self._running = False                  # a thread is running a forward (or `paused` holds them)
         self._turn = threading.Condition()     # guards both; notified when a forward ends
         self.forwards = self.calls = 0
+        self.busy_s = self.waited_s = 0.0
         self.prefix_cache: PrefixCache | None = None
+        self.gather_wait = gather_wait
+        self._away: set[int] = set()           # threads served by the last forward that have not queued since
+        self._forward_s = 0.0                  # a forward's recent duration (moving average)
 
     def cache_prefixes(self, max_mb: float) -> bool:
         """Keep the keys/values of prompt prefixes across generations, up to `max_mb` MB (0: off):
@@ -349,6 +368,7 @@ class BatchingBackend(Backend):
 
     def free_cache(self, cache: SlabCache) -> None:
         cache.release()
+        self._back(threading.get_ident())      # its generation is over: no next call to wait for
 
     def crop(self, cache: SlabCache, n_remove: int) -> None:
         cache.crop(-n_remove)
@@ -363,27 +383,58 @@ class BatchingBackend(Backend):
         """Several calls of one generation (different groups, e.g. SCR's chunk scoring and its
         next draft step) in the same forward, shared with other generations' waiting calls."""
         calls = [self.call(*r, names) for r in requests]
+        me = threading.get_ident()
+        for c in calls:
+            c.thread = me
         omp.use_one_thread()                   # a generation thread's own tensor work: one core (omp.py)
         with self._turn:
             self._queue.extend(calls)          # all at once: they always land in the same forward
+            if me in self._away:
+                self._away.discard(me)
+                self._turn.notify_all()        # the thread about to run a forward may be waiting for us
             while self._running and not calls[0].finished:
                 self._turn.wait()
             lead = not calls[0].finished       # the model is free: run every call that waits, ours included
             if lead:
                 self._running = True
+                self._gather()
                 batch, self._queue = self._queue, []
         if lead:
+            start = time.perf_counter()
             try:
                 with omp.team(self.lora.threads):   # the forward on every core
                     self.run(batch)
             finally:
+                took = time.perf_counter() - start
                 with self._turn:
+                    self.busy_s += took
+                    self._forward_s = took if not self._forward_s else 0.8 * self._forward_s + 0.2 * took
+                    self._away = {c.thread for c in batch if c.thread is not None}
                     self._running = False
                     self._turn.notify_all()
         for c in calls:
             if c.error is not None:
                 raise c.error
         return [c.logits for c in calls], 1
+
+    def _gather(self) -> None:
+        """Wait (bounded; `_turn` is released while waiting) until every thread the last forward
+        served has queued its next call or ended its generation (see the module docstring)."""
+        if not self._away or self.gather_wait <= 0:
+            return
+        start = time.perf_counter()
+        deadline = start + self.gather_wait * self._forward_s
+        while self._away and (left := deadline - time.perf_counter()) > 0:
+            self._turn.wait(min(left, 1.0))    # a huge gather_wait must not overflow the lock's timeout
+        self.waited_s += time.perf_counter() - start
+        self._away.clear()                     # a straggler is not waited for again
+
+    def _back(self, thread: int) -> None:
+        """`thread` need not be waited for (its generation ended)."""
+        with self._turn:
+            if thread in self._away:
+                self._away.discard(thread)
+                self._turn.notify_all()
 
     def call(self, group: Group, tokens: torch.Tensor, cache, n_logits: int, names: Sequence[str]) -> Call:
         """A Call for `run` (what forward_together queues)."""
