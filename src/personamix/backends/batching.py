@@ -7,9 +7,11 @@ runs it waits, for at most `gather_wait` times a forward's duration, until the g
 served by the previous forward have queued their next call: without that wait, concurrent
 generations split into two cohorts that take turns (one in its forward while the other runs
 its samplers), and every forward carries half of them (docs/batching.md, "Gathering"). A
-generation that is alone, or whose thread has queued its call, is never waited for. All rows are packed into one sequence without
-padding (a one-token draft beside a k-token chunk to score, or a prompt); every linear layer
-(the bulk of the cost) runs once over it, LoRA deltas included (the multi-LoRA packed mode).
+generation that is alone, or whose thread has queued its call, is never waited for.
+
+All rows are packed into one sequence without padding (a one-token draft beside a k-token
+chunk to score, or a prompt); every linear layer (the bulk of the cost) runs once over it,
+LoRA deltas included (the multi-LoRA packed mode).
 
 Keys and values of every generation in flight live in ONE pool per layer (cache.KVPool,
 [slots, kv_heads, capacity, head_dim]; a generation's group owns a slot per row), so attention
