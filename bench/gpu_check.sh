@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 16's GPU checks in one run (~10 minutes on one NVIDIA H200) on the device this
+# Issue 16's GPU checks in one run (~13 minutes on one NVIDIA H200) on the device this
 # project is sometimes lent (steps 1, 2 and 4 ran as one call on 2026-11-30, step 3 as its own;
 # docs/bench/gpu.md). Results go to $OUT (default /tmp/gpu_check):
 #   1. `personamix serve` on the GPU in its default dtype: the backend /health reports, and the
-#      load test at 1, 16 and 64 streaming clients (target: 64 in flight >= 20x one's tokens/s);
+#      load test at 1, 16 and 64 streaming clients (target: 64 in flight >= 20x one's tokens/s),
+#      then at 1 and 64 with the gather wait off (--gather-wait 0);
 #   2. one packed decode step of the batched backend at 1, 16 and 64 calls, with torch.profiler
 #      (CPU and GPU time: how busy the GPU is tells whether launches are the limit);
 #   3. bench/gpu_probe.py: one step eager vs replayed from a CUDA graph, and host memory over 200
@@ -22,6 +23,7 @@ DATA=${DATA:-../shared/data/mpg}
 BEFORE=${BEFORE:-}
 DEVICE=${DEVICE:-cuda}
 LEVELS=${LEVELS:-1 16 64 64}
+LEVELS_OFF=${LEVELS_OFF:-1 64}
 CALLS=${CALLS:-1 16 64}
 WORKERS=${WORKERS:-64}
 LIMIT=${LIMIT:-4}
@@ -44,6 +46,12 @@ timeout 120 $PY -c "from personamix.loading import resolve_model; print(resolve_
 say loadtest
 # shellcheck disable=SC2086
 timeout 240 $PY bench/loadtest.py --levels $LEVELS --requests 2 --max-tokens 32 --out "$OUT/loadtest_$DEVICE.md" 2>&1 | grep -v "INFO:"
+say loadtest without the gather wait
+# the batched backend's wait for the previous forward's generations (gather_wait, docs/batching.md)
+# was measured on CPU only: the same levels with it off tell whether it pays on the GPU
+# shellcheck disable=SC2086
+timeout 180 $PY bench/loadtest.py --levels $LEVELS_OFF --requests 2 --max-tokens 32 --gather-wait 0 \
+  --out "$OUT/loadtest_${DEVICE}_gather0.md" 2>&1 | grep -v "INFO:"
 
 say profile
 # shellcheck disable=SC2086

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from transformers import CohereConfig, CohereForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM, CohereConfig, CohereForCausalLM, MistralConfig, MistralForCausalLM
 
 from personamix import Generator, PersonamixError
 from personamix.backends import batching, omp
@@ -512,3 +512,11 @@ def test_a_generation_that_goes_quiet_is_waited_for_at_most_a_few_forwards(pair,
         hold.set()
         quiet.join(timeout=60)
     assert b.waited_s > waited
+
+
+@pytest.mark.parametrize("wait", [-1.0, float("inf"), float("nan")])
+def test_impossible_gather_waits_are_refused(tiny_ent, wait):
+    base, adapters = tiny_ent
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with pytest.raises(PersonamixError, match="gather_wait"):
+        BatchingBackend(model, adapters, gather_wait=wait)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from openai import OpenAI
 
 from personamix import Generator
+from personamix.backends.batching import GATHER_WAIT
 from personamix.serving import create_app
 from personamix.testing import save_chat_tiny, save_lora
 
@@ -103,6 +104,7 @@ def test_models_health_and_playground(server, client):
     assert health["status"] == "ok" and health["backend"] == "batched"   # requests share forwards
     assert health["device"] == "cpu" and health["dtype"] == "float32"
     assert health["batching"]["calls"] >= health["batching"]["forwards"]
+    assert health["batching"]["gather_wait"] == GATHER_WAIT and health["batching"]["waited_s"] >= 0
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "personamix playground" in page.text and "/v1/chat/completions" in page.text
 

@@ -334,6 +334,8 @@ class BatchingBackend(Backend):
 
     def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True,
                  gather_wait: float = GATHER_WAIT):
+        if not 0 <= gather_wait < float("inf"):
+            raise PersonamixError(f"gather_wait must be a finite number >= 0, got {gather_wait}")
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
         self.lora = MultiLoraBackend(model, adapters, onednn)
         self.model = model

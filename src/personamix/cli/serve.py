@@ -20,6 +20,10 @@ def register(sub) -> None:
     s.add_argument("--prefix-cache-mb", type=float, default=256,
                    help="keep the keys/values of prompt prefixes (a shared system prompt) across requests, up "
                         "to this many MB; 0: off (batched backend only; default: 256)")
+    s.add_argument("--gather-wait", type=float, default=None,
+                   help="batched backend: how long a forward may wait for the requests the previous forward "
+                        "served to queue their next step, in forwards' durations; 0: start at once "
+                        "(default: 1.0; docs/batching.md)")
     s.set_defaults(func=run)
 
 
@@ -30,8 +34,14 @@ def run(a: argparse.Namespace) -> None:
         raise PersonamixError(f"--max-pending must be >= 1, got {a.max_pending}")
     if not a.prefix_cache_mb >= 0:
         raise PersonamixError(f"--prefix-cache-mb must be >= 0, got {a.prefix_cache_mb}")
+    if a.gather_wait is not None and not 0 <= a.gather_wait < float("inf"):
+        raise PersonamixError(f"--gather-wait must be a finite number >= 0, got {a.gather_wait}")
     gen = load_generator(a)
     gen.backend.cache_prefixes(a.prefix_cache_mb)      # where the backend can (the batched one)
+    if a.gather_wait is not None:
+        if not gen.backend.shares_forwards:
+            raise PersonamixError(f"--gather-wait needs the batched backend; this one is {gen.backend.kind!r}")
+        gen.backend.gather_wait = a.gather_wait
     if a.engine:
         model_id, where = gen.backend.client.info.base, f"the engine at {a.engine}"
     else:

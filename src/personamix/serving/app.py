@@ -292,7 +292,8 @@ class Server:
                 "dtype": str(backend.dtype).removeprefix("torch.") if backend.dtype is not None else None}
         if backend.shares_forwards:   # cross-request batching: calls / forwards = mean batch size
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls,
-                                "busy_s": round(backend.busy_s, 3), "waited_s": round(backend.waited_s, 3)}
+                                "busy_s": round(backend.busy_s, 3), "waited_s": round(backend.waited_s, 3),
+                                "gather_wait": backend.gather_wait}
             cache = backend.prefix_cache
             if cache is not None:   # prompt rows that started after a cached prefix, tokens not recomputed
                 body["prefix_cache"] = {"lookups": cache.lookups, "hits": cache.hits,
