@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from personamix import PersonamixError
-from personamix.engine.targets import Target, aggregate, chunk_scores, log_probs, resolve_weights, token_target
+from personamix.engine.targets import (
+    Target,
+    aggregate,
+    chunk_log_probs,
+    log_probs,
+    prefix_scores,
+    resolve_weights,
+    token_target,
+)
 from personamix.mbti import parse_persona
 
 
@@ -89,13 +97,33 @@ def test_temperature_and_truncation_share_the_reference_support():
 
 def test_chunk_scores_sum_token_log_ratios():
     torch.manual_seed(3)
-    logp = torch.log_softmax(torch.randn(3, 4, 6, dtype=torch.float64), -1)  # N+1=3, k=4
+    logits = torch.randn(3, 4, 6)                                         # N+1=3 rows, k=4 positions
     chunk = torch.tensor([1, 0, 5, 2])
     target = Target(names=("a", "b"), weights=(1.0, 1.0), aggregation="geometric")
-    s, _ = chunk_scores(logp[0], logp[1:], chunk, target)
-    tok = logp[:, torch.arange(4), chunk]                       # [3, 4]
-    want = ((tok[1] - tok[0]).cumsum(0) + (tok[2] - tok[0]).cumsum(0))
+    tok = chunk_log_probs(logits, target, torch.ones(4, 6, dtype=torch.bool), chunk)   # [3, 4]
+    s, _ = prefix_scores(tok[0], tok[1:], target)
+    logp = torch.log_softmax(logits, -1)[:, torch.arange(4), chunk]
+    want = ((logp[1] - logp[0]).cumsum(0) + (logp[2] - logp[0]).cumsum(0))
     assert torch.allclose(s, want)
+
+
+@pytest.mark.parametrize("settings", [{}, {"top_p": 0.6}, {"top_k": 3}, {"temperature": 0.7, "top_p": 0.9}])
+def test_chunk_log_probs_are_log_probs_at_the_chunk(settings):
+    """What SCR's cascade reads without building [R, k, V] log-probs: the same numbers, -inf off
+    the support."""
+    torch.manual_seed(4)
+    logits = torch.randn(5, 4, 50) * 3                                    # R=5 rows, k=4 positions
+    target = Target(names=("a",), weights=(1.0,), **settings)
+    ref = log_probs(logits[0], target)                                    # [k, V] the proposal
+    support = torch.isfinite(ref)
+    full = log_probs(logits, target, support)                             # [R, k, V]
+    chunk = torch.stack([torch.multinomial(ref[j].exp(), 1)[0] for j in range(4)])
+    if settings:
+        chunk[2] = int((~support[2]).nonzero()[0])                        # one token off the support
+    got = chunk_log_probs(logits, target, support, chunk)
+    want = full[:, torch.arange(4), chunk]
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got[:, 2]).all() == bool(settings)
+    assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)], atol=1e-5)
 
 
 def test_persona_parsing():

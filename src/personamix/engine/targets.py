@@ -245,15 +245,24 @@ def token_target(logp: torch.Tensor, target: Target) -> tuple[torch.Tensor, torc
     return torch.log_softmax(logp[0] + s, dim=-1), s, clamped
 
 
-def chunk_scores(logp_ref: torch.Tensor, logp_prefs: torch.Tensor, chunk: torch.Tensor,
-                 target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-    """S of every prefix C_{1:j}, j = 1..k, of a drafted chunk, from the models' log-probs at the
-    k chunk positions: logp_ref [k, V], logp_prefs [N, k, V]; chunk [k] the drafted tokens.
-    Returns (S [k], clamped [k]); see prefix_scores."""
-    idx = chunk.view(1, -1, 1)
-    ref_tok = logp_ref.gather(-1, idx[0]).squeeze(-1)                                   # [k]
-    pref_tok = logp_prefs.gather(-1, idx.expand(logp_prefs.shape[0], -1, 1)).squeeze(-1)  # [N, k]
-    return prefix_scores(ref_tok, pref_tok, target)
+def chunk_log_probs(logits: torch.Tensor, target: Target, support: torch.Tensor,
+                    chunk: torch.Tensor) -> torch.Tensor:
+    """log_probs(logits, target, support) at the chunk's own tokens only: logits [R, k, V] of R
+    rows at the k chunk positions, support [k, V] (bool), chunk [k] -> [R, k].
+
+    log p(c_j) = x(c_j) - logsumexp over the support of x, x = logits / temperature: a pass over
+    each position's on-support logits instead of writing [R, k, V] log-probs (SCR's cascade
+    needs no more; 5.0 -> 0.6 ms per 4x4-token chunk on one CPU core, docs/batching.md).
+    A token off the support gets -inf, as in log_probs."""
+    out, t = [], target.temperature
+    for j in range(chunk.shape[0]):
+        x = logits[:, j].float()                                               # [R, V]
+        on = support[j].nonzero().squeeze(1)                                   # [n_j] on-support tokens
+        kept = x if on.shape[0] == x.shape[-1] else x.index_select(-1, on)     # [R, n_j]
+        lse = torch.logsumexp(kept if t == 1.0 else kept / t, dim=-1)          # [R]
+        tok = x[:, chunk[j]] / t - lse                                         # [R]
+        out.append(tok.masked_fill(~support[j, chunk[j]], float("-inf")))
+    return torch.stack(out, dim=1)
 
 
 def prefix_scores(ref_tok: torch.Tensor, pref_tok: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:

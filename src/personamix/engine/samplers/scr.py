@@ -51,7 +51,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, chunk_scores, log_probs, prefix_scores, token_scores
+from ..targets import Target, chunk_log_probs, log_probs, prefix_scores, token_scores
 from .common import draft, engine_seed, rejection_sample_token, window_rejection_token
 
 #: chunks drafted and scored per round over an inference engine (see the module docstring)
@@ -76,15 +76,20 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
             pref_logits, _ = session.logits_together([("prefs", seq + chunk[:-1], k), ("ref", seq + chunk, 1)])
         else:
             pref_logits = session.logits("prefs", seq + chunk[:-1], k)             # [N, k, V]
-        logp = torch.cat([logq[None], log_probs(pref_logits, target, torch.isfinite(logq))])
+        support = torch.isfinite(logq)                                             # [k, V] the reference's
         chunk_t = torch.tensor(chunk, device=logq.device)
-        s, clamped = chunk_scores(logp[0], logp[1:], chunk_t, target)              # [k]
+        # the cascade needs the drafted tokens' log-probs only; whole distributions only for the
+        # exact verification and the fallback (at position 1)
+        ref_tok = logq.gather(1, chunk_t.view(-1, 1)).squeeze(1)                   # [k]
+        s, clamped = prefix_scores(ref_tok, chunk_log_probs(pref_logits, target, support, chunk_t), target)   # [k]
         stats.proposals += k
         if params.bound == "exact" or chunks < max(params.warmup, 1):   # >= 1: the windows need a score
             stats.warmup_chunks += params.bound != "exact"
+            logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])   # [N+1, k, V]
             out = _verify_exact(logp, chunk, target, params, rng, stats)
         else:
-            fallback = partial(rejection_sample_token, logp[:, 0], target, rng, params.max_retries, stats)
+            fallback = partial(_first_token_rs, logq[0], pref_logits[:, 0], support[0], target, rng,
+                               params.max_retries, stats)
             out = _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback)
         s_list = s.tolist()
         for j in range(k):
@@ -153,6 +158,13 @@ def _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback) -> lis
             return chunk[:j]
     stats.fallback_tokens += 1
     return [fallback()[0]]
+
+
+def _first_token_rs(logq, pref_logits, support, target, rng, max_retries, stats) -> tuple[int, int, bool]:
+    """Step 4's fallback: Token-RS at the chunk's first position, from the reference's log-probs
+    logq [V] and the preference models' logits there [N, V] on the reference's support [V]."""
+    logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])       # [N+1, V]
+    return rejection_sample_token(logp, target, rng, max_retries, stats)
 
 
 def _verify_exact(logp, chunk, target, params, rng, stats) -> list[int]:
