@@ -162,16 +162,18 @@ def test_bad_target_settings(kw, msg):
 
 
 def test_top_p_on_a_sorted_prefix_keeps_what_sorting_everything_keeps(monkeypatch):
-    """_support sorts only the most likely tokens for top-p, and all of them when those do not
-    hold top_p of the mass: either way the kept set is the full sort's."""
+    """_support sorts only the most likely tokens for top-p (longer prefixes while the shorter do
+    not hold top_p of the mass, then all of them): whichever it stops at, the kept set is the
+    full sort's."""
     from personamix.engine import targets
 
     g = torch.Generator().manual_seed(0)
     for scale in (0.1, 1.0, 5.0):                     # flat (falls back) .. peaked (prefix suffices)
         logits = torch.randn(4, 300, generator=g) * scale
         for top_p in (0.05, 0.5, 0.9, 0.99):
-            monkeypatch.setattr(targets, "TOP_P_PREFIX", 300)
+            monkeypatch.setattr(targets, "TOP_P_PREFIXES", ())
             full = targets._support(logits, 0, top_p)
-            monkeypatch.setattr(targets, "TOP_P_PREFIX", 16)
-            assert torch.equal(targets._support(logits, 0, top_p), full)
+            for prefixes in ((16,), (4, 16), (2, 8, 64)):
+                monkeypatch.setattr(targets, "TOP_P_PREFIXES", prefixes)
+                assert torch.equal(targets._support(logits, 0, top_p), full)
             assert full.any(-1).all()                 # the most likely token always stays

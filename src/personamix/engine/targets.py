@@ -167,7 +167,9 @@ def log_probs(logits: torch.Tensor, target: Target, support: torch.Tensor | None
     return torch.log_softmax(x, dim=-1)
 
 
-TOP_P_PREFIX = 1024   # tokens sorted for top-p before falling back to the whole vocabulary
+#: prefixes of the most likely tokens tried for top-p, shortest first, before the whole vocabulary
+#: (on one core over 49k tokens: topk of 64 0.05 ms, of 1024 0.25 ms, a full sort ~3 ms)
+TOP_P_PREFIXES = (64, 1024)
 
 
 def _support(ref_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -178,14 +180,17 @@ def _support(ref_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     if top_p < 1.0:
         # keep the smallest prefix (by probability) whose mass reaches top_p; the first token always
         # stays. Sorting the whole vocabulary was a quarter of a busy server's CPU: sort only the
-        # TOP_P_PREFIX most likely tokens, which is exact whenever they hold top_p of the mass (every
-        # later token then has at least top_p before it); otherwise sort everything.
+        # most likely tokens (TOP_P_PREFIXES, shortest first), which is exact whenever they hold
+        # top_p of the mass (every later token then has at least top_p before it); otherwise sort
+        # everything.
         probs = torch.softmax(ref_logits, dim=-1)
-        k = min(TOP_P_PREFIX, ref_logits.shape[-1])
-        top, order = torch.topk(probs, k, dim=-1)                       # descending
-        if k < ref_logits.shape[-1] and not bool((top.sum(-1) >= top_p).all()):
-            k = ref_logits.shape[-1]
-            top, order = torch.sort(probs, dim=-1, descending=True)
+        for k in (*TOP_P_PREFIXES, ref_logits.shape[-1]):
+            if k >= ref_logits.shape[-1]:
+                top, order = torch.sort(probs, dim=-1, descending=True)
+                break
+            top, order = torch.topk(probs, k, dim=-1)                   # descending
+            if bool((top.sum(-1) >= top_p).all()):
+                break
         drop_sorted = (top.cumsum(-1) - top) >= top_p
         drop = torch.ones_like(keep).scatter(-1, order, drop_sorted)    # outside the prefix: dropped
         keep &= ~drop
