@@ -372,7 +372,8 @@ class BatchingBackend(Backend):
 
     def free_cache(self, cache: SlabCache) -> None:
         cache.release()
-        self._back(threading.get_ident())      # its generation is over: no next call to wait for
+        with self._turn:
+            self._back(threading.get_ident())  # its generation is over: no next call to wait for
 
     def crop(self, cache: SlabCache, n_remove: int) -> None:
         cache.crop(-n_remove)
@@ -393,9 +394,7 @@ class BatchingBackend(Backend):
         omp.use_one_thread()                   # a generation thread's own tensor work: one core (omp.py)
         with self._turn:
             self._queue.extend(calls)          # all at once: they always land in the same forward
-            if me in self._away:
-                self._away.discard(me)
-                self._turn.notify_all()        # the thread about to run a forward may be waiting for us
+            self._back(me)
             while self._running and not calls[0].finished:
                 self._turn.wait()
             lead = not calls[0].finished       # the model is free: run every call that waits, ours included
@@ -434,11 +433,10 @@ class BatchingBackend(Backend):
         self._away.clear()                     # a straggler is not waited for again
 
     def _back(self, thread: int) -> None:
-        """`thread` need not be waited for (its generation ended)."""
-        with self._turn:
-            if thread in self._away:
-                self._away.discard(thread)
-                self._turn.notify_all()
+        """`thread` need not be waited for (it queued a call, or its generation ended); under `_turn`."""
+        if thread in self._away:
+            self._away.discard(thread)
+            self._turn.notify_all()            # the thread about to run a forward may be waiting for it
 
     def call(self, group: Group, tokens: torch.Tensor, cache, n_logits: int, names: Sequence[str]) -> Call:
         """A Call for `run` (what forward_together queues)."""
