@@ -4,7 +4,7 @@ step together in ONE forward (backend.run, what the server's concurrent requests
 for C in 1, 4, 16 (and 64), plus torch.profiler's top operators at the largest C, and the
 sampler-side work of one step (the target's math over the vocabulary) for comparison.
 
-    python bench/batch_profile.py [--n 4] [--calls 1 4 16 64] [--steps 10] [--device cpu] [--out docs/batch_profile.md]
+    python bench/batch_profile.py [--n 4] [--calls 1 4 16 64] [--steps 10] [--device cpu] [--graphs] [--out docs/batch_profile.md]
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from personamix import Generator
+from personamix.backends.batching import SHORT
+from personamix.backends.cuda_graphs import StaticSteps
 from personamix.cli.common import quiet
 from personamix.engine.targets import Target, log_probs, token_target
 from personamix.loading import DEFAULT_MODEL, random_adapters
@@ -55,9 +57,30 @@ def time_forwards(gen: Generator, c: int, steps: int, names: tuple[str, ...]) ->
         gen.backend.run(calls)
         if gen.device_sync:
             gen.device_sync()
-        if t:                                          # the first step warms the shapes up
+        if t:                                          # the first step warms the shapes up (or captures)
             out.append(time.perf_counter() - start)
+    for cache in sessions:
+        gen.backend.free_cache(cache)
     return out
+
+
+def graphs_vs_eager(gen: Generator, c: int, names: tuple[str, ...]) -> float:
+    """Max |logit difference| of one decoding step of c calls replayed from a CUDA graph (or, off
+    CUDA, the same padded step run eagerly) against the packed forward without graphs."""
+    b, graphs = gen.backend, gen.backend.graphs
+    sessions = prefilled(gen, c, names)
+    got = []
+    for use in (graphs, None):
+        b.graphs = use
+        calls = step_calls(gen, sessions, 5, names)
+        b.run(calls)
+        got.append(torch.cat([x.logits.float() for x in calls]))
+        for cache in sessions:
+            b.crop(cache, 1)
+    b.graphs = graphs
+    for cache in sessions:
+        b.free_cache(cache)
+    return (got[0] - got[1]).abs().max().item()
 
 
 def target_math(gen: Generator, n: int, steps: int) -> float:
@@ -82,6 +105,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: the backend's)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time each step replayed from CUDA graphs (cuda_graphs.py) against eager")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     quiet()
@@ -92,12 +117,24 @@ def main() -> None:
     gen = Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, names), backend="batched",
                                     device=a.device, dtype=dtype)
     gen.device_sync = torch.cuda.synchronize if gen.backend.device.type == "cuda" else None
-    rows = []
+    rows, graphed = [], []
+    graphs = gen.backend.graphs
+    if a.graphs and graphs is None:   # off CUDA: the same padded steps, run eagerly (no capture)
+        b = gen.backend
+        graphs = b.graphs = StaticSteps(b.model, b.pool, b.lora.rows, len(b.names), False, SHORT)
     for c in a.calls:
+        gen.backend.graphs = None                          # eager first: the table's main columns
         t = statistics.median(time_forwards(gen, c, a.steps, used))
         rows.append((c, t))
         print(f"{c} calls ({c * r} rows): {1000 * t:.1f} ms per forward, {1000 * t / c:.2f} ms per call",
               flush=True)
+        gen.backend.graphs = graphs
+        if a.graphs:
+            diff = graphs_vs_eager(gen, c, used)
+            tg = statistics.median(time_forwards(gen, c, a.steps, used))
+            graphed.append((c, t, tg, diff))
+            print(f"  CUDA graphs: {1000 * tg:.1f} ms per forward ({t / tg:.2f}x), logits differ by {diff:.3g} "
+                  f"from eager; {graphs.captures} captures so far", flush=True)
     math_s = target_math(gen, len(used), 20)
     lines = ["| calls in the forward | rows | ms per forward | ms per call | calls / s | x one call's rate |",
              "|---|---|---|---|---|---|"]
@@ -105,6 +142,12 @@ def main() -> None:
     for c, t in rows:
         lines.append(f"| {c} | {c * r} | {1000 * t:.1f} | {1000 * t / c:.2f} | {c / t:.1f} | "
                      f"{base * c / t:.2f} |")
+    if graphed:
+        lines += ["", ("The same steps replayed from CUDA graphs" if gen.backend.device.type == "cuda" else "The same steps padded as for CUDA graphs, run eagerly (no CUDA here)") + " (backends/cuda_graphs.py; the first step of each "
+                  "row, which captures, not timed):", "",
+                  "| calls in the forward | eager ms | CUDA graphs ms | speed-up | max abs logit diff vs eager |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c} | {1000 * t:.1f} | {1000 * tg:.1f} | {t / tg:.2f}x | {diff:.3g} |" for c, t, tg, diff in graphed]
     text = ("\n".join(lines) + f"\n\nThe target math of one token step (log-softmax of {r} rows over the "
             f"vocabulary, the linear target): {1000 * math_s:.2f} ms, done by each generation's thread outside the "
             "forward.\n")
@@ -127,7 +170,8 @@ def main() -> None:
         kernels = sum(e.count for e in events if e.device_type.name == "CUDA") / 3
         text += f"\nOperator calls per forward (nested ones included): {ops:.0f}" + (
             f"; GPU kernels per forward: {kernels:.0f}.\n" if cuda else ".\n")
-        text += (f"\ntorch.profiler, 3 forwards of {a.calls[-1]} calls ({1000 * wall:.1f} ms of wall time under "
+        text += (f"\ntorch.profiler, 3 forwards of {a.calls[-1]} calls "
+                 f"({'CUDA graph replays' if gen.backend.graphs is not None else 'eager'}; {1000 * wall:.1f} ms of wall time under "
                  "the profiler), top operators by self CPU time:\n\n```\n"
                  + events.table(sort_by="self_cpu_time_total", row_limit=14) + "\n```\n")
         if cuda:   # how busy the GPU was: kernels' time over the wall time (low = the host's launches are the limit)

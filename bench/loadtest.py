@@ -9,7 +9,7 @@ them) and its resident memory (when idle) before and after each level. The last 
 memory growth is read after a warm-up at full concurrency.
 
     python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
-                             [--unique] [--prefix-cache-mb 256] [--gather-wait 1.0]
+                             [--unique] [--prefix-cache-mb 256] [--gather-wait 1.0] [--no-cuda-graphs]
 
 Four prompts repeat (each with its persona) unless --unique gives every request its own; the
 server's prefix cache (--prefix-cache-mb, 0 = off) serves what prompts share.
@@ -117,9 +117,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, max_pending: int, prefix_cache_mb: float, gather_wait: float | None) -> subprocess.Popen:
+def start_server(port: int, max_pending: int, prefix_cache_mb: float, gather_wait: float | None,
+                 no_cuda_graphs: bool = False) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    extra = [] if gather_wait is None else ["--gather-wait", str(gather_wait)]
+    extra = ([] if gather_wait is None else ["--gather-wait", str(gather_wait)]) + (
+        ["--no-cuda-graphs"] if no_cuda_graphs else [])
     proc = subprocess.Popen([sys.executable, "-m", "personamix.cli", "serve", "--port", str(port),
                              "--max-pending", str(max_pending), "--prefix-cache-mb", str(prefix_cache_mb), *extra],
                             env=env, stderr=subprocess.DEVNULL)
@@ -145,13 +147,14 @@ def main() -> None:
                     help="a different prompt for every request (else 4 prompts, each with its own persona, repeat)")
     ap.add_argument("--prefix-cache-mb", type=float, default=256, help="passed to `personamix serve`")
     ap.add_argument("--gather-wait", type=float, default=None, help="passed to `personamix serve` (default: its own)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="passed to `personamix serve`")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     proc = None
     url = a.url
     if url is None:
         port = free_port()
-        proc = start_server(port, max(a.levels), a.prefix_cache_mb, a.gather_wait)
+        proc = start_server(port, max(a.levels), a.prefix_cache_mb, a.gather_wait, a.no_cuda_graphs)
         url = f"http://127.0.0.1:{port}"
     try:
         one_request(url, 0, 4, a.method)                      # warm-up
@@ -186,6 +189,10 @@ def main() -> None:
             f"{os.cpu_count()} CPU cores, {'a different prompt per request' if a.unique else '4 prompts repeating'}, "
             f"prefix cache {a.prefix_cache_mb:g} MB, server backend {health['backend']!r} on {health['device']} "
             f"in {health['dtype']}, gather wait {(health.get('batching') or {}).get('gather_wait', '-')}")
+    graphs = (health.get("batching") or {}).get("cuda_graphs")
+    if graphs:
+        info += (f", CUDA graphs: {graphs['replays']} steps replayed, {graphs['captured']} captures "
+                 f"({graphs['shapes']} shapes kept)")
     if saved:
         lines.append(f"\nPrefix cache: {saved['hits']} of {saved['lookups']} prompt rows found a cached "
                      f"prefix; {saved['tokens_saved']} prompt tokens x rows not recomputed.")

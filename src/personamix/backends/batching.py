@@ -50,6 +50,7 @@ from ..engine.session import Backend, Group
 from ..errors import PersonamixError, first_line
 from . import omp
 from .cache import KVPool, SlabCache
+from .cuda_graphs import StaticSteps
 from .multilora import MultiLoraBackend
 from .prefix_cache import BLOCK, PrefixCache
 
@@ -326,14 +327,19 @@ class BatchingBackend(Backend):
     gather_wait: how long the thread about to run a forward may wait for the generations the
     previous forward served to queue again, in multiples of a forward's recent duration (0: start
     at once with whatever is queued). Waiting longer than a forward is never worth it: a
-    generation that misses this forward gets the next one."""
+    generation that misses this forward gets the next one.
+
+    cuda_graphs: run decoding steps (every call of a forward at most SHORT new tokens) as CUDA
+    graph replays, one graph per padded shape (cuda_graphs.py); None: on a CUDA device. True
+    elsewhere runs the same padded steps eagerly (what the tests compare). `replays` /
+    `captures` count them."""
 
     kind = "batched"
     fuses_groups = True
     shares_forwards = True
 
     def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True,
-                 gather_wait: float = GATHER_WAIT):
+                 gather_wait: float = GATHER_WAIT, cuda_graphs: bool | None = None):
         if not 0 <= gather_wait < float("inf"):
             raise PersonamixError(f"gather_wait must be a finite number >= 0, got {gather_wait}")
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
@@ -353,6 +359,10 @@ class BatchingBackend(Backend):
         self.gather_wait = gather_wait
         self._away: set[int] = set()           # threads served by the last forward that have not queued since
         self._forward_s = 0.0                  # a forward's recent duration (moving average)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.graphs = (StaticSteps(model, self.pool, self.lora.rows, len(self.names), self.device.type == "cuda",
+                                   SHORT) if cuda_graphs else None)
 
     def cache_prefixes(self, max_mb: float) -> bool:
         """Keep the keys/values of prompt prefixes across generations, up to `max_mb` MB (0: off):
@@ -454,7 +464,9 @@ class BatchingBackend(Backend):
         try:
             if prefixes is not None:
                 self._restore_prefixes(calls, prefixes)
-            if len(calls) == 1:   # alone: exactly the fast backend's forward
+            if self.graphs is not None and self.graphs.run(calls):
+                pass              # a decoding step, replayed from a CUDA graph
+            elif len(calls) == 1:   # alone: exactly the fast backend's forward
                 c = calls[0]
                 c.logits = self.lora.forward_call(c.group, c.tokens, c.cache, c.n_logits, c.names)
             else:

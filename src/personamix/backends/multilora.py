@@ -102,6 +102,19 @@ class AdapterRows:
         finally:
             self.clear()
 
+    @contextmanager
+    def fixed(self, index: torch.Tensor | None, gather: torch.Tensor, valid: torch.Tensor) -> Iterator[None]:
+        """Packed mode over tensors made by the caller: `index` is every adapter in order (None: no
+        adapters), each padded to the same number of positions in `gather` / `valid` (a CUDA
+        graph's buffers, cuda_graphs.py)."""
+        if index is not None:
+            self.start, self.key, self.all_in_order = 0, tuple(range(len(index))), True
+            self.index, self.gather, self.valid = index, gather, valid
+        try:
+            yield
+        finally:
+            self.clear()
+
     def clear(self) -> None:
         self.index = self.gather = self.valid = None
 

@@ -24,6 +24,9 @@ def register(sub) -> None:
                    help="batched backend: how long a forward may wait for the requests the previous forward "
                         "served to queue their next step, in forwards' durations; 0: start at once "
                         "(default: 1.0; docs/batching.md)")
+    s.add_argument("--no-cuda-graphs", action="store_true",
+                   help="batched backend on a GPU: run every forward eagerly instead of replaying decoding "
+                        "steps from CUDA graphs (backends/cuda_graphs.py)")
     s.set_defaults(func=run)
 
 
@@ -42,6 +45,8 @@ def run(a: argparse.Namespace) -> None:
         if not gen.backend.shares_forwards:
             raise PersonamixError(f"--gather-wait needs the batched backend; this one is {gen.backend.kind!r}")
         gen.backend.gather_wait = a.gather_wait
+    if a.no_cuda_graphs and gen.backend.shares_forwards:
+        gen.backend.graphs = None
     if a.engine:
         model_id, where = gen.backend.client.info.base, f"the engine at {a.engine}"
     else:

@@ -294,6 +294,9 @@ class Server:
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls,
                                 "busy_s": round(backend.busy_s, 3), "waited_s": round(backend.waited_s, 3),
                                 "gather_wait": backend.gather_wait}
+            graphs = backend.graphs
+            body["batching"]["cuda_graphs"] = None if graphs is None else {
+                "captured": graphs.captures, "replays": graphs.replays, "shapes": len(graphs.steps)}
             cache = backend.prefix_cache
             if cache is not None:   # prompt rows that started after a cached prefix, tokens not recomputed
                 body["prefix_cache"] = {"lookups": cache.lookups, "hits": cache.hits,
