@@ -4,7 +4,8 @@ step together in ONE forward (backend.run, what the server's concurrent requests
 for C in 1, 4, 16 (and 64), plus torch.profiler's top operators at the largest C, and the
 sampler-side work of one step (the target's math over the vocabulary) for comparison.
 
-    python bench/batch_profile.py [--n 4] [--calls 1 4 16 64] [--steps 10] [--device cpu] [--graphs] [--out docs/batch_profile.md]
+    python bench/batch_profile.py [--n 4] [--calls 1 4 16 64] [--steps 10] [--device cpu] [--graphs]
+                                  [--out docs/batch_profile.md]
 """
 from __future__ import annotations
 
@@ -143,11 +144,14 @@ def main() -> None:
         lines.append(f"| {c} | {c * r} | {1000 * t:.1f} | {1000 * t / c:.2f} | {c / t:.1f} | "
                      f"{base * c / t:.2f} |")
     if graphed:
-        lines += ["", ("The same steps replayed from CUDA graphs" if gen.backend.device.type == "cuda" else "The same steps padded as for CUDA graphs, run eagerly (no CUDA here)") + " (backends/cuda_graphs.py; the first step of each "
+        how = ("The same steps replayed from CUDA graphs" if gen.backend.device.type == "cuda"
+               else "The same steps padded as for CUDA graphs, run eagerly (no CUDA here)")
+        lines += ["", how + " (backends/cuda_graphs.py; the first step of each "
                   "row, which captures, not timed):", "",
                   "| calls in the forward | eager ms | CUDA graphs ms | speed-up | max abs logit diff vs eager |",
                   "|---|---|---|---|---|"]
-        lines += [f"| {c} | {1000 * t:.1f} | {1000 * tg:.1f} | {t / tg:.2f}x | {diff:.3g} |" for c, t, tg, diff in graphed]
+        lines += [f"| {c} | {1000 * t:.1f} | {1000 * tg:.1f} | {t / tg:.2f}x | {diff:.3g} |"
+                  for c, t, tg, diff in graphed]
     text = ("\n".join(lines) + f"\n\nThe target math of one token step (log-softmax of {r} rows over the "
             f"vocabulary, the linear target): {1000 * math_s:.2f} ms, done by each generation's thread outside the "
             "forward.\n")
@@ -171,8 +175,8 @@ def main() -> None:
         text += f"\nOperator calls per forward (nested ones included): {ops:.0f}" + (
             f"; GPU kernels per forward: {kernels:.0f}.\n" if cuda else ".\n")
         text += (f"\ntorch.profiler, 3 forwards of {a.calls[-1]} calls "
-                 f"({'CUDA graph replays' if gen.backend.graphs is not None else 'eager'}; {1000 * wall:.1f} ms of wall time under "
-                 "the profiler), top operators by self CPU time:\n\n```\n"
+                 f"({'static steps' if gen.backend.graphs is not None else 'eager'}; {1000 * wall:.1f} ms of wall "
+                 "time under the profiler), top operators by self CPU time:\n\n```\n"
                  + events.table(sort_by="self_cpu_time_total", row_limit=14) + "\n```\n")
         if cuda:   # how busy the GPU was: kernels' time over the wall time (low = the host's launches are the limit)
             busy = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
