@@ -131,3 +131,22 @@ def test_concurrent_seeded_generations_through_static_steps_match_running_alone(
 def test_a_shape_is_keyed_by_every_padded_dimension():
     assert len({Shape(16, 8, 1, 64), Shape(16, 8, 2, 64), Shape(16, 16, 1, 64), Shape(32, 8, 1, 64),
                 Shape(16, 8, 1, 128)}) == 5
+
+
+def test_a_prompt_whose_cached_prefix_leaves_a_few_tokens_is_a_static_step(tiny):
+    """With the prefix cache (on in `personamix serve`), a prompt that starts after a cached
+    16-token block has <= SHORT tokens left: a static step over restored slots, still exact."""
+    base, adapters, fast = tiny
+    b = static_backend(base, adapters)
+    b.cache_prefixes(64)
+    prompt = (SEQ * 2)[:19]                                   # one 16-token block + 3 tokens
+    names = ("E", "T")
+    with Session(b, names) as first:
+        first.logits("all", prompt, 1)                        # a prompt: eager; stores the block
+    replays = b.graphs.replays
+    with Session(b, names) as again, Session(fast.backend, names) as alone:
+        got = again.logits("all", prompt, 2)
+        assert b.prefix_cache.tokens_saved >= 16 * 3 and b.graphs.replays == replays + 1
+        assert torch.allclose(got, alone.logits("all", prompt, 2), atol=1e-5)
+        nxt = again.logits("all", prompt + [1], 1)
+        assert torch.allclose(nxt, alone.logits("all", prompt + [1], 1), atol=1e-5)

@@ -181,10 +181,19 @@ class StaticSteps:
             raise RuntimeError(f"StaticSteps needs the pool's first slot, got {scratch}")
         self.steps: dict[Shape, StaticStep] = {}
         self._pool_tensors: tuple | None = None
-        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        self._mempool = None                       # the memory pool the graphs share (_drop makes a new one)
+        self._drop()
         self.replays = self.captures = 0
         self.failed: str | None = None             # why capturing failed (then every step runs eagerly)
         self.last: Shape | None = None             # the shape of the last step
+
+    def _drop(self) -> None:
+        """Forget every graph, and capture the next ones into a new memory pool: a pool whose graphs
+        are all gone cannot be captured into again (PyTorch's allocator asserts use_count > 0; seen
+        on the H200, docs/bench/gpu.md; vLLM's issue 28426 is the same)."""
+        self.steps.clear()
+        if self.capture:
+            self._mempool = torch.cuda.graph_pool_handle()
 
     def run(self, calls: Sequence) -> bool:
         """One forward over `calls` from a (captured) static step: sets each call's logits and
@@ -204,7 +213,7 @@ class StaticSteps:
             pool.ensure(layer, booked, length, pool.k[layer])
         tensors = (pool.k[0].data_ptr(), pool.slots, pool.capacity)
         if tensors != self._pool_tensors or len(self.steps) >= MAX_GRAPHS:
-            self.steps.clear()                                     # captured over tensors that are gone
+            self._drop()                                           # captured over tensors that are gone
             self._pool_tensors = tensors
         shape = Shape(bucket(positions, 16), min(bucket(booked), pool.slots), bucket(max(lens)),
                       min(bucket(length, 64), pool.capacity))
@@ -219,7 +228,7 @@ class StaticSteps:
                 step.capture(self._mempool)
             except Exception as e:   # this torch / model cannot be captured: eager from now on, said once
                 self.failed = f"{type(e).__name__}: {first_line(e)}"
-                self.steps.clear()
+                self._drop()
                 warnings.warn(f"CUDA graph capture failed ({self.failed}); decoding steps run eagerly", stacklevel=2)
                 return False
             self.captures += 1
