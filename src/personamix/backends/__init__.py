@@ -8,8 +8,9 @@
 `build_backend` picks and builds one; the shared pieces are the KV caches (cache.py), the
 transformers-model base class (local.py), on CPU oneDNN-prepacked linear layers (onednn.py), on an
 NVIDIA GPU attention without cuDNN (cuda.py);
-the batched backend's own are OpenMP teams across threads (omp.py) and prompt prefixes kept
-across generations (prefix_cache.py).
+the batched backend's own are OpenMP teams across threads (omp.py), prompt prefixes kept
+across generations (prefix_cache.py) and, on CUDA, decoding steps replayed from CUDA graphs
+(cuda_graphs.py).
 """
 
 from __future__ import annotations
