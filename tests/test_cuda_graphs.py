@@ -42,7 +42,11 @@ def test_graphs_are_on_where_cuda_is_and_reserve_the_scratch_slot(tiny):
     b = static_backend(base, adapters)
     assert b.graphs is not None and not b.graphs.capture     # asked for on CPU: padded steps, no capture
     assert b.pool.booked == SCRATCH + 1
-    assert b.new_cache("all", ("E",)).start == SCRATCH + 1
+    cache = b.new_cache("all", ("E",))
+    assert cache.start == SCRATCH + 1
+    b.free_cache(cache)
+    b.stop_cuda_graphs()                             # `serve --no-cuda-graphs`
+    assert b.graphs is None and b.pool.booked == 0 and b.pool.k == []    # an idle pool holds nothing again
 
 
 @pytest.mark.parametrize("idle_between", [0, 2], ids=["adjacent", "idle-slots-between"])

@@ -331,8 +331,8 @@ class BatchingBackend(Backend):
 
     cuda_graphs: run decoding steps (every call of a forward at most SHORT new tokens) as CUDA
     graph replays, one graph per padded shape (cuda_graphs.py); None: on a CUDA device. True
-    elsewhere runs the same padded steps eagerly (what the tests compare). `replays` /
-    `captures` count them."""
+    elsewhere runs the same padded steps eagerly (what the tests compare). `graphs` (None when
+    off) counts its replays and captures."""
 
     kind = "batched"
     fuses_groups = True
@@ -363,6 +363,12 @@ class BatchingBackend(Backend):
             cuda_graphs = self.device.type == "cuda"
         self.graphs = (StaticSteps(model, self.pool, self.lora.rows, len(self.names), self.device.type == "cuda",
                                    SHORT) if cuda_graphs else None)
+
+    def stop_cuda_graphs(self) -> None:
+        """Run every forward eagerly from now on (drops the graphs, gives their scratch slot back)."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
 
     def cache_prefixes(self, max_mb: float) -> bool:
         """Keep the keys/values of prompt prefixes across generations, up to `max_mb` MB (0: off):

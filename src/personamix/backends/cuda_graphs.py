@@ -195,6 +195,11 @@ class StaticSteps:
         if self.capture:
             self._mempool = torch.cuda.graph_pool_handle()
 
+    def close(self) -> None:
+        """Drop every graph and give the scratch slot back (the pool can then drop its tensors when idle)."""
+        self.steps.clear()
+        self.pool.release(SCRATCH, 1)
+
     def run(self, calls: Sequence) -> bool:
         """One forward over `calls` from a (captured) static step: sets each call's logits and
         advances its cache. False, doing nothing, when the step is not covered."""

@@ -46,7 +46,7 @@ def run(a: argparse.Namespace) -> None:
             raise PersonamixError(f"--gather-wait needs the batched backend; this one is {gen.backend.kind!r}")
         gen.backend.gather_wait = a.gather_wait
     if a.no_cuda_graphs and gen.backend.shares_forwards:
-        gen.backend.graphs = None
+        gen.backend.stop_cuda_graphs()
     if a.engine:
         model_id, where = gen.backend.client.info.base, f"the engine at {a.engine}"
     else:

@@ -296,7 +296,8 @@ class Server:
                                 "gather_wait": backend.gather_wait}
             graphs = backend.graphs
             body["batching"]["cuda_graphs"] = None if graphs is None else {
-                "captured": graphs.captures, "replays": graphs.replays, "shapes": len(graphs.steps)}
+                "captured": graphs.captures, "replays": graphs.replays, "shapes": len(graphs.steps),
+                "failed": graphs.failed}
             cache = backend.prefix_cache
             if cache is not None:   # prompt rows that started after a cached prefix, tokens not recomputed
                 body["prefix_cache"] = {"lookups": cache.lookups, "hits": cache.hits,
