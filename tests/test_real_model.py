@@ -104,3 +104,40 @@ def test_bf16_default_model_is_batched_across_requests():
         diff = (got - want).abs()
         assert c.error is None and s.error is None and diff.mean() < 0.25 and diff.max() < 1.5, diff.max()
         assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_static_decoding_steps_reproduce_concurrent_persona_generations():
+    """The CUDA-graph steps' padded forward (cuda_graphs.py, run eagerly here) on the default
+    model with the shipped MBTI adapters: 6 concurrent seeded generations (scr / token / spec /
+    base, prefix cache on, as in `personamix serve`) give the tokens the plain batched backend gives."""
+    import threading
+
+    from personamix.backends.batching import SHORT
+    from personamix.backends.cuda_graphs import StaticSteps
+
+    jobs = [("scr", "ENTJ"), ("scr", "ISFP"), ("token", "INFJ"), ("spec", "ESTP"), ("base", None), ("scr", "ENFP")]
+
+    def run(static: bool) -> tuple[list, int]:
+        gen = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", backend="batched", device="cpu")
+        b = gen.backend
+        b.cache_prefixes(64)
+        if static:
+            b.graphs = StaticSteps(b.model, b.pool, b.lora.rows, len(b.names), False, SHORT)
+        out: dict[int, list[int]] = {}
+
+        def one(i):
+            method, persona = jobs[i]
+            out[i] = gen.generate(["How do you plan a trip?", "Describe your Saturday."][i % 2], method=method,
+                                  persona=persona, max_new_tokens=16, seed=i, ignore_eos=True).token_ids
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        return [out.get(i) for i in range(len(jobs))], (b.graphs.replays if static else 0)
+
+    plain, _ = run(False)
+    static, replays = run(True)
+    assert all(plain) and static == plain
+    assert replays > 10
