@@ -218,8 +218,7 @@ class StaticSteps:
             return False
         pasts = [c.cache.get_seq_length() for c in calls]
         length, booked = max(p + t for p, t in zip(pasts, lens)), pool.booked
-        for layer in range(self.layers):                          # grow first: a graph's tensors are fixed
-            pool.ensure(layer, booked, length, pool.k[layer])
+        pool.ensure(0, booked, length, pool.k[0])   # grow first (all layers at once): graphs fix their tensors
         tensors = (pool.k[0].data_ptr(), pool.slots, pool.capacity)
         if tensors != self._pool_tensors or len(self.steps) >= MAX_GRAPHS:
             self._drop()                                           # captured over tensors that are gone
