@@ -11,10 +11,13 @@ from personamix.engine.targets import (
     aggregate,
     chunk_log_probs,
     log_probs,
+    log_probs_on_support,
     prefix_scores,
     resolve_weights,
     token_target,
+    vocab_id,
 )
+from personamix.engine.samplers.common import draw
 from personamix.mbti import parse_persona
 
 
@@ -124,6 +127,35 @@ def test_chunk_log_probs_are_log_probs_at_the_chunk(settings):
     want = full[:, torch.arange(4), chunk]
     assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got[:, 2]).all() == bool(settings)
     assert torch.allclose(got[torch.isfinite(got)], want[torch.isfinite(want)], atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{}, {"top_p": 0.6}, {"top_k": 3}, {"temperature": 0.7, "top_p": 0.9}])
+def test_log_probs_on_support_are_log_probs_on_the_supports_ids(settings):
+    """What the samplers compute p* and draws over: log_probs' columns at the ids on the support
+    (at any position), in vocabulary order; every other id is -inf in log_probs; ids None when
+    nothing is truncated. A draw over those columns picks the token a draw over the vocabulary does."""
+    torch.manual_seed(5)
+    logits = torch.randn(5, 4, 50) * 3                                    # R=5 rows, k=4 positions
+    target = Target(names=("a",), weights=(1.0,), **settings)
+    full = log_probs(logits, target)                                      # [R, k, V]
+    got, ids = log_probs_on_support(logits, target)
+    if not settings or settings == {"temperature": 0.7}:
+        assert ids is None and torch.allclose(got, full)
+        return
+    on = torch.isfinite(full[0]).any(0)
+    assert torch.equal(ids, on.nonzero().squeeze(1)) and len(ids) < 50   # ascending, exactly the support's ids
+    assert torch.isinf(full[..., ~on]).all()
+    assert torch.equal(torch.isinf(got), torch.isinf(full[..., ids]))
+    assert torch.allclose(got[torch.isfinite(got)], full[..., ids][torch.isfinite(full[..., ids])], atol=1e-6)
+    support = torch.isfinite(full[0])                                     # given explicitly: the same
+    again, ids2 = log_probs_on_support(logits[1:], target, support)
+    assert torch.equal(ids2, ids) and torch.allclose(again, got[1:])
+    for j in range(4):                                                    # the same draws, mapped back
+        p_full, p_on = full[0, j].exp(), got[0, j].exp()
+        for seed in range(20):
+            a = int(draw(p_full, 1, torch.Generator().manual_seed(seed)))
+            b = vocab_id(ids, int(draw(p_on, 1, torch.Generator().manual_seed(seed))))
+            assert a == b
 
 
 def test_persona_parsing():

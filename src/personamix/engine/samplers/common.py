@@ -11,7 +11,7 @@ import torch
 from ...errors import PersonamixError
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, aggregate, log_probs, token_scores
+from ..targets import Target, aggregate, log_probs_on_support, token_scores, vocab_id
 
 #: proposals a Token-RS round over an engine asks the reference for in one call
 ENGINE_PROPOSALS = 2   # measured fastest for token-rs of 1, 2, 4 (docs/scale-out.md)
@@ -45,9 +45,11 @@ def draft(session: Session, seq: list[int], k: int, target: Target, rng: torch.G
     chunk: list[int] = []
     logq = []
     for _ in range(k):
-        lq = log_probs(session.logits("ref", seq + chunk, 1)[:, -1], target)[0]
-        chunk.append(sample_token(lq, rng, greedy))
-        logq.append(lq)
+        logits = session.logits("ref", seq + chunk, 1)[0, -1]                         # [V]
+        lq, ids = log_probs_on_support(logits[None], target)                           # [1, U]: the support's ids
+        chunk.append(vocab_id(ids, sample_token(lq[0], rng, greedy)))
+        logq.append(lq[0] if ids is None else
+                    lq.new_full(logits.shape, float("-inf")).index_copy_(0, ids, lq[0]))   # [V], -inf off the support
     return chunk, torch.stack(logq)
 
 

@@ -51,7 +51,8 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, chunk_log_probs, log_probs, prefix_scores, token_scores
+from ..targets import (Target, chunk_log_probs, column_of, log_probs_on_support, on_columns, prefix_scores,
+                       token_scores, vocab_id)
 from .common import draft, engine_seed, rejection_sample_token, window_rejection_token
 
 #: chunks drafted and scored per round over an inference engine (see the module docstring)
@@ -85,8 +86,7 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         stats.proposals += k
         if params.bound == "exact" or chunks < max(params.warmup, 1):   # >= 1: the windows need a score
             stats.warmup_chunks += params.bound != "exact"
-            logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])   # [N+1, k, V]
-            out = _verify_exact(logp, chunk, target, params, rng, stats)
+            out = _verify_exact(logq, pref_logits, support, chunk, target, params, rng, stats)
         else:
             fallback = partial(_first_token_rs, logq[0], pref_logits[:, 0], support[0], target, rng,
                                params.max_retries, stats)
@@ -162,17 +162,25 @@ def _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback) -> lis
 
 def _first_token_rs(logq, pref_logits, support, target, rng, max_retries, stats) -> tuple[int, int, bool]:
     """Step 4's fallback: Token-RS at the chunk's first position, from the reference's log-probs
-    logq [V] and the preference models' logits there [N, V] on the reference's support [V]."""
-    logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])       # [N+1, V]
-    return rejection_sample_token(logp, target, rng, max_retries, stats)
+    logq [V] and the preference models' logits there [N, V] on the reference's support [V]
+    (computed over the support's ids only: targets.log_probs_on_support)."""
+    pref, ids = log_probs_on_support(pref_logits, target, support)                # [N, U]
+    logp = torch.cat([on_columns(logq, ids)[None], pref])                          # [N+1, U]
+    t, tried, ok = rejection_sample_token(logp, target, rng, max_retries, stats)
+    return vocab_id(ids, t), tried, ok
 
 
-def _verify_exact(logp, chunk, target, params, rng, stats) -> list[int]:
+def _verify_exact(logq, pref_logits, support, chunk, target, params, rng, stats) -> list[int]:
     """Token-by-token verification with the exact bound: token-level Token-RS whose first
-    proposal at position j is the drafted c_j; exact for p* (warm-up and bound="exact")."""
-    s, clamped = token_scores(logp, target)                                        # [k, V]
+    proposal at position j is the drafted c_j; exact for p* (warm-up and bound="exact").
+    logq [k, V] the reference's log-probs, pref_logits [N, k, V], support [k, V] the reference's;
+    computed over the ids on the chunk's supports only (targets.log_probs_on_support)."""
+    pref, ids = log_probs_on_support(pref_logits, target, support)                # [N, k, U]
+    logp = torch.cat([on_columns(logq, ids)[None], pref])                          # [N+1, k, U]
+    s, clamped = token_scores(logp, target)                                        # [k, U]
     log_m = s.masked_fill(~torch.isfinite(logp[0]), float("-inf")).amax(-1)       # [k]
-    idx = torch.tensor(chunk, device=s.device).view(-1, 1)
+    # the drafted tokens' columns (each is on its own position's support, so among ids)
+    idx = column_of(ids, torch.tensor(chunk, device=s.device)).view(-1, 1)
     ok = (torch.rand(len(chunk), generator=rng, device=s.device).log()
           < s.gather(1, idx).squeeze(1) - log_m).tolist()
     n = ok.index(False) if False in ok else len(chunk)
@@ -182,4 +190,5 @@ def _verify_exact(logp, chunk, target, params, rng, stats) -> list[int]:
         return list(chunk)
     stats.proposals -= len(chunk) - n - 1      # drafted tokens after the rejection were never tested
     stats.fallback_tokens += 1
-    return chunk[:n] + [rejection_sample_token(logp[:, n], target, rng, params.max_retries, stats)[0]]
+    t = rejection_sample_token(logp[:, n], target, rng, params.max_retries, stats)[0]
+    return chunk[:n] + [vocab_id(ids, t)]

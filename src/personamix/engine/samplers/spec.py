@@ -21,7 +21,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs, token_target
+from ..targets import Target, column_of, log_probs_on_support, on_columns, token_target, vocab_id
 from .common import draft, draw, sample_token
 
 
@@ -31,29 +31,35 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
     while True:
         k = min(params.k, session.backend.max_length - len(seq))   # never draft past the context
         chunk, logq = draft(session, seq, k, target, rng, params.greedy)          # [k, V]
-        logp = log_probs(session.logits("all", seq + chunk, k + 1), target)       # [N+1, k+1, V]
-        logp_star, _, clamped = token_target(logp, target)                        # [k+1, V]
-        idx = torch.tensor(chunk, device=logq.device).view(-1, 1)
+        # over the ids on the supports of the k+1 positions only (targets.log_probs_on_support)
+        logp, ids = log_probs_on_support(session.logits("all", seq + chunk, k + 1), target)   # [N+1, k+1, U]
+        logp_star, _, clamped = token_target(logp, target)                        # [k+1, U]
+        chunk_t = torch.tensor(chunk, device=logq.device)
+        col = column_of(ids, chunk_t)          # the drafted tokens' columns; a token off this support
+        on = chunk_t == (col if ids is None else ids[col])   # (rounding between two forwards) has p* = 0
+        logq = on_columns(logq, ids)                                               # [k, U]
+        idx = col.view(-1, 1)
         if params.greedy:
-            rejected = (logp_star[:k].argmax(-1) != idx.view(-1)).tolist()
+            rejected = ((logp_star[:k].argmax(-1) != col) | ~on).tolist()
         else:
-            ratio = logp_star[:k].gather(1, idx).squeeze(1) - logq.gather(1, idx).squeeze(1)
+            p_star = logp_star[:k].gather(1, idx).squeeze(1).masked_fill(~on, float("-inf"))
+            ratio = p_star - logq.gather(1, idx).squeeze(1)
             log_u = torch.rand(k, generator=rng, device=logq.device).log()
             rejected = (log_u >= ratio).tolist()
         n = rejected.index(True) if True in rejected else k
         stats.proposals += min(n + 1, k)
         stats.accepted += n
-        stats.clamps += int(clamped[:k].gather(1, idx)[: n + 1].sum())
+        stats.clamps += int((clamped[:k].gather(1, idx).squeeze(1) & on)[: n + 1].sum())
         if params.greedy:
-            t = int(logp_star[n].argmax())
+            u = int(logp_star[n].argmax())
         elif n < k:   # residual distribution at the first rejected position
             residual = (logp_star[n].exp() - logq[n].exp()).clamp_min(0)
             if float(residual.sum()) > 0:
-                t = int(draw(residual, 1, rng))
+                u = int(draw(residual, 1, rng))
             else:   # p* == q up to rounding: the residual is empty, p* itself is the answer
-                t = sample_token(logp_star[n], rng)
+                u = sample_token(logp_star[n], rng)
         else:       # bonus token
-            t = sample_token(logp_star[k], rng)
-        out = chunk[:n] + [t]
+            u = sample_token(logp_star[k], rng)
+        out = chunk[:n] + [vocab_id(ids, u)]
         seq.extend(out)
         yield out

@@ -13,7 +13,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs, token_target
+from ..targets import Target, log_probs_on_support, token_target, vocab_id
 from .common import sample_token
 
 
@@ -21,9 +21,10 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
            rng: torch.Generator, stats: Stats) -> Iterator[list[int]]:
     seq = list(prompt)
     while True:
-        logp = log_probs(session.logits("all", seq)[:, -1], target)   # [N+1, V]
+        logp, ids = log_probs_on_support(session.logits("all", seq)[:, -1], target)   # [N+1, U]: the support's ids
         logp_star, _, clamped = token_target(logp, target)
-        t = sample_token(logp_star, rng, params.greedy)
-        stats.clamps += int(clamped[t])
+        u = sample_token(logp_star, rng, params.greedy)
+        stats.clamps += int(clamped[u])
+        t = vocab_id(ids, u)
         seq.append(t)
         yield [t]

@@ -17,7 +17,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs, token_target
+from ..targets import Target, log_probs_on_support, token_target, vocab_id
 from .common import rejection_sample_token, window_rejection_token
 
 
@@ -34,14 +34,15 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
             seq.append(t)
             yield [t]
     while True:
-        logp = log_probs(session.logits("all", seq)[:, -1], target)   # [N+1, V]
+        logp, ids = log_probs_on_support(session.logits("all", seq)[:, -1], target)   # [N+1, U]: the support's ids
         if params.greedy:
             logp_star, _, clamped = token_target(logp, target)
-            t = int(logp_star.argmax())
-            stats.clamps += int(clamped[t])
+            u = int(logp_star.argmax())
+            stats.clamps += int(clamped[u])
         else:
-            t, tried, ok = rejection_sample_token(logp, target, rng, params.max_retries, stats)
+            u, tried, ok = rejection_sample_token(logp, target, rng, params.max_retries, stats)
             stats.proposals += tried
             stats.accepted += ok
+        t = vocab_id(ids, u)
         seq.append(t)
         yield [t]
