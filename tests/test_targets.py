@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from personamix import PersonamixError
+from personamix.engine.samplers.common import draw
 from personamix.engine.targets import (
     Target,
     aggregate,
@@ -17,7 +18,6 @@ from personamix.engine.targets import (
     token_target,
     vocab_id,
 )
-from personamix.engine.samplers.common import draw
 from personamix.mbti import parse_persona
 
 

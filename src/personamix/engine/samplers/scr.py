@@ -51,8 +51,16 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import (Target, chunk_log_probs, column_of, log_probs_on_support, on_columns, prefix_scores,
-                       token_scores, vocab_id)
+from ..targets import (
+    Target,
+    chunk_log_probs,
+    column_of,
+    log_probs_on_support,
+    on_columns,
+    prefix_scores,
+    token_scores,
+    vocab_id,
+)
 from .common import draft, engine_seed, rejection_sample_token, window_rejection_token
 
 #: chunks drafted and scored per round over an inference engine (see the module docstring)
