@@ -135,11 +135,17 @@ def test_log_probs_on_support_are_log_probs_on_the_supports_ids(settings):
     (at any position), in vocabulary order; every other id is -inf in log_probs; ids None when
     nothing is truncated. A draw over those columns picks the token a draw over the vocabulary does."""
     torch.manual_seed(5)
-    logits = torch.randn(5, 4, 50) * 3                                    # R=5 rows, k=4 positions
     target = Target(names=("a",), weights=(1.0,), **settings)
+    one = torch.randn(5, 50) * 3                                          # one position's rows: its own path
+    got, ids = log_probs_on_support(one, target)
+    full = log_probs(one, target)
+    if settings:
+        assert torch.equal(ids, torch.isfinite(full[0]).nonzero().squeeze(1)) and torch.isfinite(got).all()
+        assert torch.allclose(got, full[:, ids], atol=1e-6)
+    logits = torch.randn(5, 4, 50) * 3                                    # R=5 rows, k=4 positions
     full = log_probs(logits, target)                                      # [R, k, V]
     got, ids = log_probs_on_support(logits, target)
-    if not settings or settings == {"temperature": 0.7}:
+    if not settings:
         assert ids is None and torch.allclose(got, full)
         return
     on = torch.isfinite(full[0]).any(0)

@@ -178,6 +178,9 @@ def log_probs_on_support(logits: torch.Tensor, target: Target,
     (`vocab_id`); a draw over it picks the same token as over the vocabulary (the cumulative sums
     skip only zeros)."""
     x = logits.float() / target.temperature
+    if support is None and target.top_p < 1.0 and not target.top_k and x.dim() == 2:
+        ids = _support_ids(x[0], target.top_p)        # one position's rows [R, V]: its ids, every one on it
+        return torch.log_softmax(x.index_select(-1, ids), dim=-1), ids
     if support is None and (target.top_k or target.top_p < 1.0):
         support = _support(x[0], target.top_k, target.top_p)
     if support is None:
@@ -221,18 +224,31 @@ def _support(ref_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
         # most likely tokens (TOP_P_PREFIXES, shortest first), which is exact whenever they hold
         # top_p of the mass (every later token then has at least top_p before it); otherwise sort
         # everything.
-        probs = torch.softmax(ref_logits, dim=-1)
-        for k in (*TOP_P_PREFIXES, ref_logits.shape[-1]):
-            if k >= ref_logits.shape[-1]:
-                top, order = torch.sort(probs, dim=-1, descending=True)
-                break
-            top, order = torch.topk(probs, k, dim=-1)                   # descending
-            if bool((top.sum(-1) >= top_p).all()):
-                break
+        top, order = _top_p_sorted(torch.softmax(ref_logits, dim=-1), top_p)
         drop_sorted = (top.cumsum(-1) - top) >= top_p
         drop = torch.ones_like(keep).scatter(-1, order, drop_sorted)    # outside the prefix: dropped
         keep &= ~drop
     return keep
+
+
+def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely tokens in descending order, enough of them to hold top_p of the mass at
+    every position (TOP_P_PREFIXES first, else the whole vocabulary): (probs, ids), [..., m]."""
+    for k in TOP_P_PREFIXES:
+        if k >= probs.shape[-1]:
+            break
+        top, order = torch.topk(probs, k, dim=-1)                       # descending
+        if bool((top.sum(-1) >= top_p).all()):
+            return top, order
+    return torch.sort(probs, dim=-1, descending=True)
+
+
+def _support_ids(ref_logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`_support(ref_logits, 0, top_p)` of ONE position [V] as its ids [U], ascending (no pass over
+    the vocabulary to build a mask)."""
+    top, order = _top_p_sorted(torch.softmax(ref_logits, dim=-1), top_p)
+    kept = int(((top.cumsum(-1) - top) < top_p).sum())   # a prefix: the mass before a token only grows
+    return order[:kept].sort().values
 
 
 # ---------------------------------------------------------------------------------------------
