@@ -185,9 +185,10 @@ def log_probs_on_support(logits: torch.Tensor, target: Target,
         support = _support(x[0], target.top_k, target.top_p)
     if support is None:
         return torch.log_softmax(x, dim=-1), None
-    ids = support.reshape(-1, support.shape[-1]).any(0).nonzero().squeeze(1)           # [U]
-    if ids.shape[0] == x.shape[-1]:                                                      # every id: no copy
+    on = support.reshape(-1, support.shape[-1]).any(0)                                  # [V]
+    if bool(on.all()):                                                                   # every id: no copy
         return torch.log_softmax(x.masked_fill(~support, float("-inf")), dim=-1), None
+    ids = on.nonzero().squeeze(1)                                                        # [U]
     x = x.index_select(-1, ids).masked_fill(~support.index_select(-1, ids), float("-inf"))
     return torch.log_softmax(x, dim=-1), ids
 
