@@ -1,0 +1,90 @@
+"""A sampler's own time per call, outside the model: what every generation thread of the batched
+backend does between its forwards (drafting's sampling, the target's math, SCR's cascade, the
+session's bookkeeping), which a busy server's forward waits for (docs/batching.md, "Gathering").
+
+Seeded generations on the default model with the shipped MBTI adapters, one after another, on
+ONE thread (a generation thread's tensor work runs on one core: backends/omp.py); the time in
+the backend's forwards is measured and taken out. The digest of the generated tokens lets two
+trees be compared (`PYTHONPATH=<tree>/src`): equal digests, equal tokens.
+
+    python bench/sampler_overhead.py [--methods scr token token-rs spec] [--requests 8] [--tokens 32]
+                                     [--top-p 0.9] [--out docs/bench/sampler_overhead.md]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from personamix import Generator
+from personamix.cli.common import quiet
+
+PROMPTS = ["How would you spend a free Saturday?", "What do you do when a plan changes at the last minute?",
+           "Describe your ideal workplace.", "How do you make a hard decision?"]
+PERSONAS = ["ENTJ", "ISFP", "INFJ", "ESTP"]
+
+
+def measure(gen: Generator, method: str, requests: int, tokens: int, top_p: float) -> dict:
+    backend, in_model, forwards = gen.backend, [0.0], [0]
+    run = backend.run
+
+    def timed_run(calls):
+        start = time.perf_counter()
+        run(calls)
+        in_model[0] += time.perf_counter() - start
+        forwards[0] += 1
+
+    backend.run = timed_run
+    try:
+        def go(n: int) -> list[list[int]]:
+            return [gen.generate(PROMPTS[j % 4], method=method, persona=PERSONAS[j % 4], seed=j,
+                                 max_new_tokens=tokens, temperature=0.7, top_p=top_p).token_ids for j in range(n)]
+        go(2)                                   # warm-up
+        in_model[0], forwards[0] = 0.0, 0
+        start = time.perf_counter()
+        out = go(requests)
+        wall = time.perf_counter() - start
+    finally:
+        backend.run = run
+    n_tokens = sum(len(t) for t in out)
+    outside = wall - in_model[0]
+    return {"method": method, "tokens": n_tokens, "calls": forwards[0], "wall": wall, "model": in_model[0],
+            "per_call": 1e3 * outside / forwards[0], "per_token": 1e3 * outside / n_tokens,
+            "digest": hashlib.sha256(str(out).encode()).hexdigest()[:12]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["scr", "token", "token-rs", "spec"])
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    quiet()
+    gen = Generator.from_pretrained(adapters="mbti", backend="batched")
+    torch.set_num_threads(1)
+    rows = [measure(gen, m, a.requests, a.tokens, a.top_p) for m in a.methods]
+    lines = [f"Default model, shipped MBTI adapters, batched backend, {a.requests} seeded requests of {a.tokens} "
+             f"tokens per method (temperature 0.7, top-p {a.top_p}), one thread, torch {torch.__version__}, "
+             f"{platform.machine()}, {os.cpu_count()} cores.", "",
+             "| method | tokens | forwards | s in the model | outside the model, ms per forward | ms per token "
+             "| digest of the tokens |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['tokens']} | {r['calls']} | {r['model']:.2f} | {r['per_call']:.2f} | "
+              f"{r['per_token']:.2f} | {r['digest']} |" for r in rows]
+    print("\n".join(lines))
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("# A sampler's own time per call, outside the model\n\n"
+                    f"Command: `python bench/sampler_overhead.py {' '.join(sys.argv[1:])}`\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
