@@ -82,8 +82,9 @@ def main() -> None:
     print("\n".join(lines))
     if a.out:
         with open(a.out, "w") as f:
-            f.write("# A sampler's own time per call, outside the model\n\n"
-                    f"Command: `python bench/sampler_overhead.py {' '.join(sys.argv[1:])}`\n\n" + "\n".join(lines) + "\n")
+            command = f"python bench/sampler_overhead.py {' '.join(sys.argv[1:])}"
+            f.write(f"# A sampler's own time per call, outside the model\n\nCommand: `{command}`\n\n"
+                    + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

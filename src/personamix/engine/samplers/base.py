@@ -10,7 +10,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs_on_support, vocab_id
+from ..targets import Target, log_probs_on_support
 from .common import engine_seed, sample_token
 
 ENGINE_CHUNK = 16   # tokens per engine call: a step streams this many at once
@@ -27,6 +27,6 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         yield out
     while True:
         logp, ids = log_probs_on_support(session.logits("ref", seq)[:, -1], target)   # [1, U]: the support's ids
-        t = vocab_id(ids, sample_token(logp[0], rng, params.greedy))
+        t = sample_token(logp[0], rng, params.greedy, ids)
         seq.append(t)
         yield [t]

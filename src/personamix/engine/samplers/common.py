@@ -11,7 +11,7 @@ import torch
 from ...errors import PersonamixError
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, aggregate, log_probs_on_support, token_scores, vocab_id
+from ..targets import Target, aggregate, log_probs_on_support, token_scores
 
 #: proposals a Token-RS round over an engine asks the reference for in one call
 ENGINE_PROPOSALS = 2   # measured fastest for token-rs of 1, 2, 4 (docs/scale-out.md)
@@ -30,9 +30,13 @@ def draw(p: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True)
 
 
-def sample_token(logp: torch.Tensor, rng: torch.Generator, greedy: bool = False) -> int:
-    """One draw from the distribution with log-probabilities `logp` [V]; its argmax when `greedy`."""
-    return int(logp.argmax()) if greedy else int(draw(logp.exp(), 1, rng))
+def sample_token(logp: torch.Tensor, rng: torch.Generator, greedy: bool = False,
+                 ids: torch.Tensor | None = None) -> int:
+    """One draw from the distribution with log-probabilities `logp` [U]; its argmax when `greedy`.
+    ids: the vocabulary id of each column (targets.log_probs_on_support; None: column = id),
+    mapped before the one read back (on a GPU, one sync per token)."""
+    i = logp.argmax() if greedy else draw(logp.exp(), 1, rng)[0]
+    return int(i if ids is None else ids[i])
 
 
 def draft(session: Session, seq: list[int], k: int, target: Target, rng: torch.Generator,
@@ -47,7 +51,7 @@ def draft(session: Session, seq: list[int], k: int, target: Target, rng: torch.G
     for _ in range(k):
         logits = session.logits("ref", seq + chunk, 1)[0, -1]                         # [V]
         lq, ids = log_probs_on_support(logits[None], target)                           # [1, U]: the support's ids
-        chunk.append(vocab_id(ids, sample_token(lq[0], rng, greedy)))
+        chunk.append(sample_token(lq[0], rng, greedy, ids))
         logq.append(lq[0] if ids is None else
                     lq.new_full(logits.shape, float("-inf")).index_copy_(0, ids, lq[0]))   # [V], -inf off the support
     return chunk, torch.stack(logq)
