@@ -168,6 +168,29 @@ def test_models_it_cannot_batch_are_refused_and_left_untouched():
     assert scaled.config._attn_implementation == before != ATTENTION
 
 
+@pytest.mark.parametrize("onednn", [False, True], ids=["plain-head", "packed-head"])
+def test_calls_asking_for_columns_get_those_logits_only(tiny_ent, onednn):
+    """A request with `columns` (SCR's chunk scoring asks for its support's ids) gets the logits it
+    would get whole at those ids: packed with another call (the output layer over those rows of
+    the weight, where there is a plain weight; indexed after, where the head is packed and untied),
+    alone, and on a backend that cannot restrict (the fast one: Session indexes)."""
+    base, adapters = tiny_ent
+    gen = Generator.from_pretrained(base, adapters=adapters, backend="batched", device="cpu", onednn=onednn)
+    fast = Generator.from_pretrained(base, adapters=adapters, backend="fast", device="cpu")
+    assert (batching.output_weight(gen.backend.model) is None) == onednn   # the tiny model's head is untied
+    names, cols, seq = ("E", "N", "T"), torch.tensor([4, 1, 3]), SEQ[:9]
+    mine, whole, other = Session(gen.backend, names), Session(gen.backend, names), Session(fast.backend, names)
+    got_p, got_r = mine.logits_together([("prefs", seq, 3, cols), ("ref", seq + [2], 1)])    # one packed forward
+    want_p, want_r = whole.logits_together([("prefs", seq, 3), ("ref", seq + [2], 1)])
+    assert got_p.shape == (3, 3, 3) and torch.allclose(got_p, want_p[..., cols], atol=1e-5)
+    assert torch.allclose(got_r, want_r, atol=1e-5)
+    again = seq[:7] + [1, 1]                                   # a new chunk over the same prefix: alone
+    got = mine.logits_together([("prefs", again, 2, cols)])[0]
+    assert torch.allclose(got, whole.logits("prefs", again, 2)[..., cols], atol=1e-5)
+    assert torch.allclose(other.logits_together([("prefs", again, 2, cols)])[0], got, atol=1e-5)
+    assert torch.allclose(mine.logits("prefs", again, 2), whole.logits("prefs", again, 2), atol=1e-5)
+
+
 def test_batched_backend_refuses_what_it_cannot_run(pair):
     batched, _ = pair
     with pytest.raises(PersonamixError, match="no preference models"):

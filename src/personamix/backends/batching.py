@@ -83,6 +83,7 @@ class Call:
     error: BaseException | None = None
     prompt: list[int] | None = None  # a call over an empty cache: its tokens, for the prefix cache
     thread: int | None = None        # the thread that queued it (forward_together)
+    columns: torch.Tensor | None = None  # logits at these vocabulary ids only (Backend.restricts_columns)
 
     @property
     def finished(self) -> bool:
@@ -258,12 +259,48 @@ def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool) -> No
                                  attention_mask=_PACKED, cache=batch, batch=batch,
                                  use_cache=True).last_hidden_state[0]                          # [S, d]
     batch.commit()
-    logits = model.get_output_embeddings()(hidden.index_select(0, torch.tensor(keep, device=dev)))
-    start = 0
+    hidden = hidden.index_select(0, torch.tensor(keep, device=dev))                       # [K, d]
+    head = model.get_output_embeddings()
+    weight = output_weight(model) if any(c.columns is not None for c in calls) else None
+    spans, start = [], 0                     # each call's rows in `hidden`
     for c in calls:
-        n = len(c.adapters) * c.n_logits
-        c.logits = logits[start: start + n].view(len(c.adapters), c.n_logits, -1)
-        start += n
+        spans.append((start, len(c.adapters) * c.n_logits))
+        start += spans[-1][1]
+    whole = [i for i, c in enumerate(calls) if weight is None or c.columns is None]
+    if whole:   # the output layer over the vocabulary once, for every call that wants (or gets) it all
+        rows = [r for i in whole for r in range(spans[i][0], sum(spans[i]))]
+        logits, start = head(hidden if len(rows) == len(hidden) else hidden[rows]), 0
+        for i in whole:
+            c, n = calls[i], spans[i][1]
+            c.logits = logits[start: start + n].view(len(c.adapters), c.n_logits, -1)
+            start += n
+    for i, c in enumerate(calls):
+        if c.columns is None:
+            continue
+        if weight is None:   # no plain weight to take rows of: the whole logits, indexed
+            c.logits = c.logits.index_select(-1, c.columns)
+        else:                # the output layer over the call's columns only: [rows * n, d] x [U, d]^T
+            w, b = weight
+            s, n = spans[i]
+            c.logits = F.linear(hidden[s: s + n], w.index_select(0, c.columns),
+                                None if b is None else b.index_select(0, c.columns)).view(
+                len(c.adapters), c.n_logits, -1)
+
+
+def output_weight(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The output layer's plain weight [V, d] and bias, or None where only a packed copy exists
+    (onednn.PackedLinear keeps the reordered weight alone; a model whose output layer is tied to its
+    input embeddings still has that one)."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight, bias
+    emb = model.get_input_embeddings().weight
+    if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and \
+            emb.shape == (head.out_features, head.in_features):
+        return emb, bias
+    return None
 
 
 def token_adapters(calls: list[Call]) -> list[int]:
@@ -337,6 +374,7 @@ class BatchingBackend(Backend):
     kind = "batched"
     fuses_groups = True
     shares_forwards = True
+    restricts_columns = True
 
     def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True,
                  gather_wait: float = GATHER_WAIT, cuda_graphs: bool | None = None):
@@ -399,11 +437,11 @@ class BatchingBackend(Backend):
         logits, passes = self.forward_together([(group, tokens, cache, n_logits)], names)
         return logits[0], passes
 
-    def forward_together(self, requests: Sequence[tuple[Group, torch.Tensor, object, int]],
-                         names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
+    def forward_together(self, requests: Sequence[tuple], names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
         """Several calls of one generation (different groups, e.g. SCR's chunk scoring and its
-        next draft step) in the same forward, shared with other generations' waiting calls."""
-        calls = [self.call(*r, names) for r in requests]
+        next draft step) in the same forward, shared with other generations' waiting calls. A
+        request is (group, tokens, cache, n_logits[, columns]) (`restricts_columns`)."""
+        calls = [self.call(*r[:4], names, columns=r[4] if len(r) > 4 else None) for r in requests]
         me = threading.get_ident()
         for c in calls:
             c.thread = me
@@ -454,13 +492,16 @@ class BatchingBackend(Backend):
             self._away.discard(thread)
             self._turn.notify_all()            # the thread about to run a forward may be waiting for it
 
-    def call(self, group: Group, tokens: torch.Tensor, cache, n_logits: int, names: Sequence[str]) -> Call:
-        """A Call for `run` (what forward_together queues)."""
+    def call(self, group: Group, tokens: torch.Tensor, cache, n_logits: int, names: Sequence[str],
+             columns: torch.Tensor | None = None) -> Call:
+        """A Call for `run` (what forward_together queues); `columns`: its logits at these
+        vocabulary ids only."""
         if group != "ref" and not names:
             raise PersonamixError("no preference models take part")
         if not 1 <= n_logits <= len(tokens):
             raise ValueError(f"n_logits={n_logits} for {len(tokens)} new tokens")
-        return Call(tokens, cache, n_logits, self.lora.row_adapters(group, names), group, tuple(names))
+        return Call(tokens, cache, n_logits, self.lora.row_adapters(group, names), group, tuple(names),
+                    columns=columns)
 
     @torch.inference_mode()
     def run(self, calls: list[Call]) -> None:
@@ -470,6 +511,7 @@ class BatchingBackend(Backend):
         try:
             if prefixes is not None:
                 self._restore_prefixes(calls, prefixes)
+            whole = True          # logits over the whole vocabulary, also for calls that asked for columns
             if self.graphs is not None and self.graphs.run(calls):
                 pass              # a decoding step, replayed from a CUDA graph
             elif len(calls) == 1:   # alone: exactly the fast backend's forward
@@ -478,6 +520,10 @@ class BatchingBackend(Backend):
             else:
                 with self.lora.packed_rows(token_adapters(calls)):
                     forward_calls(self.model, calls, self.pool)
+                whole = False
+            for c in calls if whole else ():
+                if c.columns is not None:
+                    c.logits = c.logits.index_select(-1, c.columns)
             self.forwards += 1
             self.calls += len(calls)
             if prefixes is not None:

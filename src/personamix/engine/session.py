@@ -48,6 +48,10 @@ class Backend(ABC):
     fuses_groups: ClassVar[bool] = False
     #: concurrent generations (threads) share forwards; `forwards` / `calls` count them
     shares_forwards: ClassVar[bool] = False
+    #: forward_together takes a 5th item per call, `columns` (vocabulary ids [U]), and computes those
+    #: calls' logits at those ids only ([rows, n_logits, U]: the output layer over U of V ids);
+    #: Session asks for whole logits and indexes them on a backend without it
+    restricts_columns: ClassVar[bool] = False
     #: the models run on an inference engine that samples drafts and scores given tokens itself
     #: (`sample`, `propose`, `score`, `score_next`: backends/remote.py); scr and
     #: token-rs then take their scores-only form
@@ -166,40 +170,51 @@ class Session:
         """Whether `logits_together` runs the requests of several groups in ONE forward."""
         return self.backend.fuses_groups
 
-    def logits_together(self, requests: Sequence[tuple[Group, Sequence[int], int]]) -> list[torch.Tensor]:
+    def logits_together(self, requests: Sequence[tuple]) -> list[torch.Tensor]:
         """`logits` for several (group, seq, n_logits) of different groups; one forward for all
-        when the backend can (`fuses`), else one per group."""
-        if len({g for g, _, _ in requests}) != len(requests):
+        when the backend can (`fuses`), else one per group. A request may carry a 4th item,
+        `columns`: vocabulary ids [U] (ascending or not; None: all), and its logits are then
+        [rows, n_logits, U], those ids' only (computed only there where the backend
+        `restricts_columns`: SCR's chunk scoring needs its support's ids only)."""
+        if len({r[0] for r in requests}) != len(requests):
             raise ValueError("one request per group")
         out: list[torch.Tensor | None] = [None] * len(requests)
-        todo = []        # (index, group, seq, new tokens, n_logits)
-        for i, (group, seq, n_logits) in enumerate(requests):
+        todo = []        # (index, group, seq, new tokens, n_logits, columns)
+        for i, (group, seq, n_logits, *rest) in enumerate(requests):
+            columns = rest[0] if rest else None
             out[i] = self._from_cache(group, seq, n_logits)
-            if out[i] is None:
+            if out[i] is not None:
+                out[i] = out[i] if columns is None else out[i].index_select(-1, columns)
+            else:
                 keep = len(self.cached(group))
                 todo.append((i, group, seq, torch.tensor(seq[keep:], dtype=torch.long, device=self.backend.device),
-                             n_logits))
+                             n_logits, columns))
         if not todo:
             return out
-        for _, group, _, _, _ in todo:
+        for _, group, _, _, _, _ in todo:
             if group not in self._caches:
                 self._caches[group] = self.backend.new_cache(group, self.names)
-        if len(todo) > 1:
+        restrict = self.backend.restricts_columns and any(c is not None for *_, c in todo)
+        if len(todo) > 1 or restrict:
             logits, passes = self.backend.forward_together(
-                [(g, new, self._caches[g], n) for _, g, _, new, n in todo], self.names)
+                [(g, new, self._caches[g], n, c) if restrict else (g, new, self._caches[g], n)
+                 for _, g, _, new, n, c in todo], self.names)
         else:
-            _, g, _, new, n = todo[0]
+            _, g, _, new, n, _ = todo[0]
             logits, passes = self.backend.forward(g, new, self._caches[g], n, self.names)
             logits = [logits]
         self.forward_passes += passes
         self.round_trips += self.backend.scores_remotely
-        for (i, group, seq, _, n_logits), lg in zip(todo, logits):
+        for (i, group, seq, _, n_logits, columns), lg in zip(todo, logits):
             self._tokens[group] = list(seq)
             memo = self._memo.setdefault(group, {})
-            for j, p in enumerate(range(len(seq) - n_logits + 1, len(seq) + 1)):
-                memo[p] = lg[:, j]
-            for p in sorted(memo)[:-self.MEMO]:
-                del memo[p]
+            if columns is None or not restrict:     # whole distributions: the memo keeps them
+                for j, p in enumerate(range(len(seq) - n_logits + 1, len(seq) + 1)):
+                    memo[p] = lg[:, j]
+                for p in sorted(memo)[:-self.MEMO]:
+                    del memo[p]
+                if columns is not None:
+                    lg = lg.index_select(-1, columns)
             out[i] = lg
         return out
 

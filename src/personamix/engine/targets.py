@@ -185,12 +185,18 @@ def log_probs_on_support(logits: torch.Tensor, target: Target,
         support = _support(x[0], target.top_k, target.top_p)
     if support is None:
         return torch.log_softmax(x, dim=-1), None
-    on = support.reshape(-1, support.shape[-1]).any(0)                                  # [V]
-    if bool(on.all()):                                                                   # every id: no copy
+    ids = support_ids(support)
+    if ids is None:                                                                      # every id: no copy
         return torch.log_softmax(x.masked_fill(~support, float("-inf")), dim=-1), None
-    ids = on.nonzero().squeeze(1)                                                        # [U]
     x = x.index_select(-1, ids).masked_fill(~support.index_select(-1, ids), float("-inf"))
     return torch.log_softmax(x, dim=-1), ids
+
+
+def support_ids(support: torch.Tensor) -> torch.Tensor | None:
+    """The vocabulary ids [U] (ascending) on `support` [..., V] (bool) at any position; None when
+    that is every id."""
+    on = support.reshape(-1, support.shape[-1]).any(0)                                  # [V]
+    return None if bool(on.all()) else on.nonzero().squeeze(1)
 
 
 def on_columns(x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:

@@ -55,9 +55,10 @@ from ..targets import (
     Target,
     chunk_log_probs,
     column_of,
-    log_probs_on_support,
+    log_probs,
     on_columns,
     prefix_scores,
+    support_ids,
     token_scores,
     vocab_id,
 )
@@ -79,24 +80,30 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
     while True:
         k = min(params.k, session.backend.max_length - len(seq))   # never draft past the context
         chunk, logq = draft(session, seq, k, target, rng)                           # [k, V]
+        # the step's math needs the chunk's supports only (every other id has probability 0 under
+        # every row): it runs on their ids' columns, ids None = all, and the preference models'
+        # output layer is computed there only where the backend can (restricts_columns)
+        ids = support_ids(torch.isfinite(logq))                                    # [U]
+        scoring = ("prefs", seq + chunk[:-1], k, ids)
         if session.fuses and len(seq) + k < session.backend.max_length:
             # the next step's first draft logits (after the whole chunk) ride along in the scoring
             # forward; used when C is accepted whole, else rolled back like any rejected draft
-            pref_logits, _ = session.logits_together([("prefs", seq + chunk[:-1], k), ("ref", seq + chunk, 1)])
+            pref_logits, _ = session.logits_together([scoring, ("ref", seq + chunk, 1)])      # [N, k, U]
         else:
-            pref_logits = session.logits("prefs", seq + chunk[:-1], k)             # [N, k, V]
-        support = torch.isfinite(logq)                                             # [k, V] the reference's
-        chunk_t = torch.tensor(chunk, device=logq.device)
+            pref_logits = session.logits_together([scoring])[0]                   # [N, k, U]
+        logq = on_columns(logq, ids)                                               # [k, U]
+        support = torch.isfinite(logq)                                             # [k, U] the reference's
+        chunk_c = column_of(ids, torch.tensor(chunk, device=logq.device))         # [k] the chunk's columns
         # the cascade needs the drafted tokens' log-probs only; whole distributions only for the
         # exact verification and the fallback (at position 1)
-        ref_tok = logq.gather(1, chunk_t.view(-1, 1)).squeeze(1)                   # [k]
-        s, clamped = prefix_scores(ref_tok, chunk_log_probs(pref_logits, target, support, chunk_t), target)   # [k]
+        ref_tok = logq.gather(1, chunk_c.view(-1, 1)).squeeze(1)                   # [k]
+        s, clamped = prefix_scores(ref_tok, chunk_log_probs(pref_logits, target, support, chunk_c), target)   # [k]
         stats.proposals += k
         if params.bound == "exact" or chunks < max(params.warmup, 1):   # >= 1: the windows need a score
             stats.warmup_chunks += params.bound != "exact"
-            out = _verify_exact(logq, pref_logits, support, chunk, target, params, rng, stats)
+            out = _verify_exact(logq, pref_logits, support, chunk, chunk_c, ids, target, params, rng, stats)
         else:
-            fallback = partial(_first_token_rs, logq[0], pref_logits[:, 0], support[0], target, rng,
+            fallback = partial(_first_token_rs, logq[0], pref_logits[:, 0], support[0], ids, target, rng,
                                params.max_retries, stats)
             out = _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback)
         s_list = s.tolist()
@@ -168,27 +175,24 @@ def _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback) -> lis
     return [fallback()[0]]
 
 
-def _first_token_rs(logq, pref_logits, support, target, rng, max_retries, stats) -> tuple[int, int, bool]:
+def _first_token_rs(logq, pref_logits, support, ids, target, rng, max_retries, stats) -> tuple[int, int, bool]:
     """Step 4's fallback: Token-RS at the chunk's first position, from the reference's log-probs
-    logq [V] and the preference models' logits there [N, V] on the reference's support [V]
-    (computed over the support's ids only: targets.log_probs_on_support)."""
-    pref, ids = log_probs_on_support(pref_logits, target, support)                # [N, U]
-    logp = torch.cat([on_columns(logq, ids)[None], pref])                          # [N+1, U]
+    logq [U] and the preference models' logits there [N, U] on the reference's support [U], all
+    on the columns `ids` (vocabulary ids; None: all)."""
+    logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])        # [N+1, U]
     t, tried, ok = rejection_sample_token(logp, target, rng, max_retries, stats)
     return vocab_id(ids, t), tried, ok
 
 
-def _verify_exact(logq, pref_logits, support, chunk, target, params, rng, stats) -> list[int]:
+def _verify_exact(logq, pref_logits, support, chunk, chunk_c, ids, target, params, rng, stats) -> list[int]:
     """Token-by-token verification with the exact bound: token-level Token-RS whose first
     proposal at position j is the drafted c_j; exact for p* (warm-up and bound="exact").
-    logq [k, V] the reference's log-probs, pref_logits [N, k, V], support [k, V] the reference's;
-    computed over the ids on the chunk's supports only (targets.log_probs_on_support)."""
-    pref, ids = log_probs_on_support(pref_logits, target, support)                # [N, k, U]
-    logp = torch.cat([on_columns(logq, ids)[None], pref])                          # [N+1, k, U]
+    logq [k, U] the reference's log-probs, pref_logits [N, k, U], support [k, U] the reference's,
+    all on the columns `ids` (vocabulary ids; None: all); chunk_c [k]: the chunk's columns."""
+    logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])        # [N+1, k, U]
     s, clamped = token_scores(logp, target)                                        # [k, U]
     log_m = s.masked_fill(~torch.isfinite(logp[0]), float("-inf")).amax(-1)       # [k]
-    # the drafted tokens' columns (each is on its own position's support, so among ids)
-    idx = column_of(ids, torch.tensor(chunk, device=s.device)).view(-1, 1)
+    idx = chunk_c.view(-1, 1)
     ok = (torch.rand(len(chunk), generator=rng, device=s.device).log()
           < s.gather(1, idx).squeeze(1) - log_m).tolist()
     n = ok.index(False) if False in ok else len(chunk)
