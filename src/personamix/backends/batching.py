@@ -244,7 +244,8 @@ _PACKED = torch.ones(1, 1, 1, 1, dtype=torch.bool)       # a 4D "mask" the model
 
 def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool) -> None:
     """One forward of the model over the rows of all `calls`, packed into one sequence (each
-    row at its own positions); sets each call's logits [rows, n_logits, V] and appends its new
+    row at its own positions); sets each call's logits [rows, n_logits, V] (V: its `columns` only,
+    when it has them) and appends its new
     keys/values to its slots in `pool`. The model's attention implementation must be ATTENTION
     and the LoRA row state (if any) set by the caller (see token_adapters)."""
     dev = next(model.parameters()).device
@@ -298,7 +299,7 @@ def output_weight(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | 
         return weight, bias
     emb = model.get_input_embeddings().weight
     if getattr(model.config.get_text_config(), "tie_word_embeddings", False) and \
-            emb.shape == (head.out_features, head.in_features):
+            emb.shape == (getattr(head, "out_features", None), getattr(head, "in_features", None)):
         return emb, bias
     return None
 
