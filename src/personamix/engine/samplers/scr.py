@@ -83,7 +83,8 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         # the step's math needs the chunk's supports only (every other id has probability 0 under
         # every row): it runs on their ids' columns, ids None = all, and the preference models'
         # output layer is computed there only where the backend can (restricts_columns)
-        ids = support_ids(torch.isfinite(logq))                                    # [U]
+        support = torch.isfinite(logq)                                             # [k, V] the reference's
+        ids = support_ids(support)                                                 # [U]
         scoring = ("prefs", seq + chunk[:-1], k, ids)
         if session.fuses and len(seq) + k < session.backend.max_length:
             # the next step's first draft logits (after the whole chunk) ride along in the scoring
@@ -92,7 +93,7 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         else:
             pref_logits = session.logits_together([scoring])[0]                   # [N, k, U]
         logq = on_columns(logq, ids)                                               # [k, U]
-        support = torch.isfinite(logq)                                             # [k, U] the reference's
+        support = on_columns(support, ids)                                         # [k, U]
         chunk_c = column_of(ids, torch.tensor(chunk, device=logq.device))         # [k] the chunk's columns
         # the cascade needs the drafted tokens' log-probs only; whole distributions only for the
         # exact verification and the fallback (at position 1)
