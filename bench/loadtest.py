@@ -75,9 +75,10 @@ def one_request(url: str, i: int, max_tokens: int, method: str, unique: bool = F
 
 def batching(url: str) -> tuple[float, ...]:
     """The server's counters: forwards, calls they served, seconds in forwards, seconds waiting
-    for company before them."""
+    for company before them, row-tokens computed (of them in prompts)."""
     b = httpx.get(url + "/health", timeout=10).json().get("batching") or {}
-    return b.get("forwards", 0), b.get("calls", 0), b.get("busy_s", 0.0), b.get("waited_s", 0.0)
+    return (b.get("forwards", 0), b.get("calls", 0), b.get("busy_s", 0.0), b.get("waited_s", 0.0),
+            b.get("row_tokens", 0), b.get("prompt_row_tokens", 0))
 
 
 def idle_rss_mb(url: str, pid: int | None) -> float | None:
@@ -97,7 +98,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
     with cf.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(url, i, max_tokens, method, unique), range(clients * requests)))
     wall = time.perf_counter() - start
-    forwards, calls, busy, waited = (x1 - x0 for x0, x1 in zip(counters, batching(url)))
+    forwards, calls, busy, waited, row_tokens, prompt_rows = (x1 - x0 for x0, x1 in zip(counters, batching(url)))
     ok = [r for r in results if "error" not in r]
     lat = sorted(r["latency"] for r in ok) or [float("nan")]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
@@ -108,6 +109,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
             "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before,
             "rss_after_mb": idle_rss_mb(url, pid),
             "batch": calls / forwards if forwards else None, "busy": busy / wall, "waited": waited / wall,
+            "row_tokens": row_tokens, "prompt_row_tokens": prompt_rows,
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
 
@@ -168,13 +170,14 @@ def main() -> None:
             proc.wait(timeout=30)
     single = rows[0]["agg_tok_s"]
     head = ("| clients | requests | errors | dropped | p50 latency | p95 latency | TTFT p50 | aggregate tok/s | "
-            "x 1 client | steps per forward | in forwards / waiting | RSS before -> after |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "x 1 client | steps per forward | row-tokens per token (in prompts) | in forwards / waiting | "
+            "RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [
         f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s "
         f"| {r['p95_s']:.1f} s "
         f"| {r['ttft_p50_s']:.2f} s | {r['agg_tok_s']:.1f} | {r['agg_tok_s'] / single:.2f} "
         f"| {'-' if r['batch'] is None else format(r['batch'], '.1f')} "
+        f"| {r['row_tokens'] / max(r['tokens'], 1):.1f} ({r['prompt_row_tokens'] / max(r['tokens'], 1):.1f}) "
         f"| {r['busy']:.0%} / {r['waited']:.0%} "
         f"| {r['rss_before_mb'] or 0:.0f} -> {r['rss_after_mb'] or 0:.0f} MB |" for r in rows]
     last = [r for r in rows if r["clients"] == rows[-1]["clients"]]

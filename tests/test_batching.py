@@ -79,10 +79,12 @@ def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, i
         b.forward(group, torch.tensor(SEQ[:prefix]), cache, 1, names)     # cache the prefix (a call of its own)
         calls.append(b.call(group, torch.tensor(SEQ[prefix: prefix + new]), cache, new, names))
         plain.append((group, names, prefix + new, Session(fast.backend, names or None)))
-    forwards = b.forwards
+    forwards, row_tokens, prompt_row_tokens = b.forwards, b.row_tokens, b.prompt_row_tokens
     assert (_Batch(calls, b.pool, torch.device("cpu")).region is None) == (idle_between > 0)
     b.run(calls)
     assert b.forwards == forwards + 1
+    assert b.row_tokens - row_tokens == sum(new * len(c.adapters) for c, (*_, new) in zip(calls, plans))
+    assert b.prompt_row_tokens == prompt_row_tokens       # every call went on from a cached prefix
     for cache in idle:
         b.free_cache(cache)
     for call, (group, names, end, alone) in zip(calls, plain):
@@ -315,7 +317,11 @@ def test_prompts_start_after_their_cached_prefix_and_give_what_a_fresh_forward_g
     try:
         base = (SEQ * 3)[:40]
         prompts = [base, base[:20] + [4, 4, 0, 1, 2] * 3, base[:34], (SEQ * 3)[5:45]]
+        row_tokens, prompt_row_tokens, asked, rows_stepped = b.row_tokens, b.prompt_row_tokens, 0, 0
         for group, names in [("all", ("E", "N", "T")), ("prefs", ("T",)), ("ref", ())]:
+            rows = len(b.lora.row_adapters(group, names))
+            asked += rows * sum(len(p) for p in prompts)
+            rows_stepped += rows * len(prompts)
             for prompt in prompts:
                 with Session(b, names or None) as session, Session(fast.backend, names or None) as alone:
                     got = session.logits(group, prompt, 3)
@@ -323,6 +329,9 @@ def test_prompts_start_after_their_cached_prefix_and_give_what_a_fresh_forward_g
                     nxt = session.logits(group, prompt + [1], 1)            # the restored cache goes on
                     assert torch.allclose(nxt, alone.logits(group, prompt + [1], 1), atol=1e-5)
         saved = b.prefix_cache.tokens_saved
+        # the counters: prompt tokens x rows computed (after a restored prefix), then one token per row
+        assert b.prompt_row_tokens - prompt_row_tokens == asked - saved
+        assert b.row_tokens - row_tokens == asked - saved + rows_stepped
         if max_mb > 1:
             # base's 2 blocks for 4 rows, then the shared first block of prompts 2 and 3 (2 blocks for
             # base[:34]), and so on for each group: prompts 2-3 of every group start after a cached prefix

@@ -100,10 +100,12 @@ def test_completions_endpoint_and_stream(client):
 def test_models_health_and_playground(server, client):
     ids = [m.id for m in client.models.list().data]
     assert ids == [MODEL, f"{MODEL}:E", f"{MODEL}:N"]
+    client.completions.create(model=MODEL, prompt="hi", max_tokens=1, extra_body=EXT)   # the counters move
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["backend"] == "batched"   # requests share forwards
     assert health["device"] == "cpu" and health["dtype"] == "float32"
     assert health["batching"]["calls"] >= health["batching"]["forwards"]
+    assert health["batching"]["row_tokens"] >= health["batching"]["prompt_row_tokens"] > 0
     assert health["batching"]["gather_wait"] == GATHER_WAIT and health["batching"]["waited_s"] >= 0
     assert health["batching"]["cuda_graphs"] is None          # CPU: decoding steps run eagerly
     page = httpx.get(server.url + "/")

@@ -359,8 +359,9 @@ class BatchingBackend(Backend):
     generation thread) run as ONE forward of the base model (see the module docstring). Takes
     over the model's attention implementation: use the model through this backend only.
     `forwards` / `calls` count model forwards and the calls they served (calls / forwards = mean
-    batch size); `busy_s` / `waited_s` are the seconds spent in forwards and waiting for company
-    before them.
+    batch size); `row_tokens` the tokens they computed, each row counted (`prompt_row_tokens` of
+    them in calls over an empty cache, after any cached prefix); `busy_s` / `waited_s` are the
+    seconds spent in forwards and waiting for company before them.
 
     gather_wait: how long the thread about to run a forward may wait for the generations the
     previous forward served to queue again, in multiples of a forward's recent duration (0: start
@@ -392,7 +393,7 @@ class BatchingBackend(Backend):
         self._queue: list[Call] = []           # calls waiting for the next forward
         self._running = False                  # a thread is running a forward (or `paused` holds them)
         self._turn = threading.Condition()     # guards both; notified when a forward ends
-        self.forwards = self.calls = 0
+        self.forwards = self.calls = self.row_tokens = self.prompt_row_tokens = 0
         self.busy_s = self.waited_s = 0.0
         self.prefix_cache: PrefixCache | None = None
         self.gather_wait = gather_wait
@@ -510,6 +511,7 @@ class BatchingBackend(Backend):
         The caller makes sure no other forward runs meanwhile (forward_together does)."""
         prefixes = self.prefix_cache            # read once: cache_prefixes may switch it meanwhile
         try:
+            prompts = [c.cache.get_seq_length() == 0 for c in calls]
             if prefixes is not None:
                 self._restore_prefixes(calls, prefixes)
             whole = True          # logits over the whole vocabulary, also for calls that asked for columns
@@ -527,6 +529,10 @@ class BatchingBackend(Backend):
                     c.logits = c.logits.index_select(-1, c.columns)
             self.forwards += 1
             self.calls += len(calls)
+            for c, prompt in zip(calls, prompts):
+                n = c.tokens.shape[0] * len(c.adapters)     # tokens computed (after a restored prefix) x rows
+                self.row_tokens += n
+                self.prompt_row_tokens += n if prompt else 0
             if prefixes is not None:
                 self._store_prefixes(calls, prefixes)
         except BaseException as e:   # every call of the batch learns of it (their caches are now unusable)

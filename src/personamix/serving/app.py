@@ -292,6 +292,7 @@ class Server:
                 "dtype": str(backend.dtype).removeprefix("torch.") if backend.dtype is not None else None}
         if backend.shares_forwards:   # cross-request batching: calls / forwards = mean batch size
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls,
+                                "row_tokens": backend.row_tokens, "prompt_row_tokens": backend.prompt_row_tokens,
                                 "busy_s": round(backend.busy_s, 3), "waited_s": round(backend.waited_s, 3),
                                 "gather_wait": backend.gather_wait}
             graphs = backend.graphs
