@@ -6,8 +6,9 @@
     separate  every preference model a full model, the paper's setting (separate.py)
 
 `build_backend` picks and builds one; the shared pieces are the KV caches (cache.py), the
-transformers-model base class (local.py), on CPU oneDNN-prepacked linear layers (onednn.py), on an
-NVIDIA GPU attention without cuDNN (cuda.py);
+transformers-model base class (local.py), q/k/v projections as one matmul (qkv.py, fast and
+batched), on CPU oneDNN-prepacked linear layers (onednn.py), on an NVIDIA GPU attention without
+cuDNN (cuda.py);
 the batched backend's own are OpenMP teams across threads (omp.py), prompt prefixes kept
 across generations (prefix_cache.py) and, on CUDA, decoding steps replayed from CUDA graphs
 (cuda_graphs.py).

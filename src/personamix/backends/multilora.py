@@ -146,7 +146,8 @@ class MultiLoraLinear(nn.Module):
             a, b = ab
         if rows.gather is not None:
             xs = x.reshape(-1, x.shape[-1]).index_select(0, rows.gather).view(len(a), -1, x.shape[-1])   # [U, G, in]
-            d = torch.bmm(torch.bmm(xs, a), b).view(-1, y.shape[-1]) * rows.valid
+            xa = torch.bmm(xs, a).mul_(rows.valid.view(len(a), -1, 1))   # [U, G, r], padding rows 0 (cheaper than on d)
+            d = torch.bmm(xa, b).view(-1, y.shape[-1])                     # [U*G, out]
             y.view(-1, y.shape[-1]).index_add_(0, rows.gather, d)
             return y
         y[rows.start:].baddbmm_(torch.bmm(x[rows.start:], a), b)   # y += (x A) B, the add fused into the matmul
@@ -243,15 +244,19 @@ def attach(model: PreTrainedModel, adapters: dict[str, str]) -> AdapterRows:
 class MultiLoraBackend(LocalBackend):
     """backend="fast": reference + N LoRA adapters on one base model, all rows of a group in ONE
     forward, the adapters applied by batched matmuls (MultiLoraLinear) instead of PEFT's
-    per-adapter loop. On CPU the model's linear layers run with oneDNN-prepacked weights
-    (onednn.py; `onednn=False` keeps PyTorch's kernels). Owns `model` from then on."""
+    per-adapter loop; each attention layer's q/k/v projections, deltas included, as one matmul
+    (qkv.py). On CPU the model's linear layers run with oneDNN-prepacked weights (onednn.py;
+    `onednn=False` keeps PyTorch's kernels). Owns `model` from then on."""
 
     kind = "fast"
 
     def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True):
         super().__init__(model, list(adapters))
         self.model = model.eval()
+        from .qkv import fuse_qkv  # here, not at the top: qkv.py builds on this module's layers
+
         self.rows = attach(model, adapters) if adapters else AdapterRows()
+        self.fused_layers = fuse_qkv(model, self.rows)
         self.packed_linears = pack_linears(model) if onednn else 0
         self._index = {name: i for i, name in enumerate(self.names)}
         self._lock = threading.Lock()   # the row state is shared by the wrapped layers
