@@ -11,8 +11,10 @@ memory growth is read after a warm-up at full concurrency.
     python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
                              [--unique] [--prefix-cache-mb 256] [--gather-wait 1.0] [--no-cuda-graphs]
 
-Four prompts repeat (each with its persona) unless --unique gives every request its own; the
-server's prefix cache (--prefix-cache-mb, 0 = off) serves what prompts share.
+Four prompts repeat (each with its persona; one warm-up request each before the first level, so
+every level, one client's included, starts with them cached) unless --unique gives every
+request of the run its own (never seen before, in any level); the server's prefix cache
+(--prefix-cache-mb, 0 = off) serves what prompts share.
 """
 from __future__ import annotations
 
@@ -44,8 +46,9 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def one_request(url: str, i: int, max_tokens: int, method: str, unique: bool = False) -> dict:
-    prompt = (f"Question {i}. " if unique else "") + PROMPTS[i % len(PROMPTS)]   # unique: differs from its 2nd word
+def one_request(url: str, i: int, max_tokens: int, method: str, unique: int | None = None) -> dict:
+    """Request i (its prompt, persona and seed); `unique`: the number that makes its prompt its own."""
+    prompt = ("" if unique is None else f"Question {unique}. ") + PROMPTS[i % len(PROMPTS)]   # from its 2nd word
     body = {"messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": max_tokens, "persona": PERSONAS[i % len(PERSONAS)], "method": method, "seed": i,
             "temperature": 0.7, "top_p": 0.9}
@@ -91,12 +94,14 @@ def idle_rss_mb(url: str, pid: int | None) -> float | None:
 
 
 def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None,
-          unique: bool = False) -> dict:
+          unique: int | None = None) -> dict:
     before = idle_rss_mb(url, pid)
     counters = batching(url)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(url, i, max_tokens, method, unique), range(clients * requests)))
+        results = list(pool.map(lambda i: one_request(url, i, max_tokens, method,
+                                                      None if unique is None else unique + i),
+                                range(clients * requests)))
     wall = time.perf_counter() - start
     forwards, calls, busy, waited, row_tokens, prompt_rows = (x1 - x0 for x0, x1 in zip(counters, batching(url)))
     ok = [r for r in results if "error" not in r]
@@ -159,9 +164,11 @@ def main() -> None:
         proc = start_server(port, max(a.levels), a.prefix_cache_mb, a.gather_wait, a.no_cuda_graphs)
         url = f"http://127.0.0.1:{port}"
     try:
-        one_request(url, 0, 4, a.method)                      # warm-up
-        rows = [level(url, c, a.requests, a.max_tokens, a.method, proc.pid if proc else None, a.unique)
-                for c in a.levels]
+        for i in range(1 if a.unique else len(PROMPTS)):     # warm-up (and the repeating prompts cached)
+            one_request(url, i, 4, a.method, 0 if a.unique else None)
+        firsts = [1 + sum(c * a.requests for c in a.levels[:j]) for j in range(len(a.levels))]   # --unique numbers
+        rows = [level(url, c, a.requests, a.max_tokens, a.method, proc.pid if proc else None,
+                      first if a.unique else None) for c, first in zip(a.levels, firsts)]
         health = httpx.get(url + "/health", timeout=10).json()
         saved = health.get("prefix_cache")
     finally:

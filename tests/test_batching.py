@@ -290,26 +290,32 @@ def test_a_finished_generation_gives_its_slots_back_at_once_and_an_idle_pool_hol
         gc.enable()
 
 
-def test_the_prefix_cache_keeps_blocks_per_row_kind_and_evicts_the_least_recently_used():
+def test_the_prefix_cache_keeps_blocks_and_tails_per_row_kind_and_evicts_the_least_recently_used():
     k = [torch.arange(2 * 40 * 3, dtype=torch.float32).view(2, 40, 3) + 1000 * layer for layer in range(3)]
     cache = PrefixCache(max_bytes=10**9)
     prompt = list(range(40))
-    cache.store(-1, prompt, k, k)                               # 2 full blocks; the last 8 tokens are not kept
-    assert len(cache) == 2
-    found = cache.lookup(-1, prompt + [7], limit=41)
-    assert len(found) == 2 and torch.equal(found[1].k[2], k[2][:, 16:32])
+    cache.store(-1, prompt, k, k)                               # 2 full blocks and the 8-token tail
+    assert len(cache) == 3
+    lengths = lambda found: [e.length for e in found]
+    found = cache.lookup(-1, prompt + [7], limit=40)            # the prompt continued: all of it
+    assert lengths(found) == [16, 16, 8] and torch.equal(found[1].k[2], k[2][:, 16:32])
+    assert torch.equal(found[2].k[2], k[2][:, 32:40]) and torch.equal(found[2].v[0], k[0][:, 32:40])
+    assert lengths(cache.lookup(-1, prompt, limit=39)) == [16, 16, 8]   # asked again: the tail reaches past limit
     assert cache.lookup(0, prompt, limit=40) == []              # another row kind (an adapter): its own entries
-    assert len(cache.lookup(-1, prompt[:16] + [99] * 24, limit=40)) == 1   # shares the first block only
-    assert len(cache.lookup(-1, prompt, limit=31)) == 1         # never past `limit`
-    one = cache.nbytes // 2
-    small = PrefixCache(max_bytes=3 * one)
+    assert lengths(cache.lookup(-1, prompt[:16] + [99] * 24, limit=40)) == [16]   # shares the first block only
+    assert lengths(cache.lookup(-1, prompt[:36] + [99], limit=36)) == [16, 16]     # a tail is used only whole
+    assert lengths(cache.lookup(-1, prompt, limit=31)) == [16, 16]                 # none once `limit` is covered
+    assert lengths(cache.lookup(-1, prompt[:8], limit=7)) == []
+    block = found[0].nbytes
+    assert found[2].nbytes == block // 2
+    small = PrefixCache(max_bytes=4 * block)
     small.store(-1, prompt, k, k)
-    small.store(0, prompt, k, k)                                # 4 blocks > 3: the oldest (kind -1, block 1) goes
-    assert len(small) == 3 and small.nbytes == 3 * one
-    assert small.lookup(-1, prompt, limit=40) == [] and len(small.lookup(0, prompt, limit=40)) == 2
+    small.store(0, prompt, k, k)              # 5 blocks' worth > 4: the oldest (kind -1, its first block) goes
+    assert len(small) == 5 and small.nbytes == 4 * block
+    assert small.lookup(-1, prompt, limit=40) == [] and lengths(small.lookup(0, prompt, limit=40)) == [16, 16, 8]
 
 
-@pytest.mark.parametrize("max_mb", [64, 0.001], ids=["kept", "evicted"])
+@pytest.mark.parametrize("max_mb", [64, 0.0001], ids=["kept", "evicted"])
 def test_prompts_start_after_their_cached_prefix_and_give_what_a_fresh_forward_gives(pair, max_mb):
     batched, fast = pair
     b = batched.backend
@@ -333,11 +339,15 @@ def test_prompts_start_after_their_cached_prefix_and_give_what_a_fresh_forward_g
         assert b.prompt_row_tokens - prompt_row_tokens == asked - saved
         assert b.row_tokens - row_tokens == asked - saved + rows_stepped
         if max_mb > 1:
+            with Session(b, ("E", "N", "T")) as session, Session(fast.backend, ("E", "N", "T")) as alone:
+                got = session.logits("all", base, 3)                        # asked again: all of it restored but
+                assert b.prefix_cache.tokens_saved - saved == (len(base) - 3) * 4   # the 3 positions asked for
+                assert torch.allclose(got, alone.logits("all", base, 3), atol=1e-5)
             # base's 2 blocks for 4 rows, then the shared first block of prompts 2 and 3 (2 blocks for
             # base[:34]), and so on for each group: prompts 2-3 of every group start after a cached prefix
             assert saved >= (16 + 32) * 4 + (16 + 32) * 1 + (16 + 32) * 1
         else:
-            assert saved == 0 and len(b.prefix_cache) == 0                  # a budget below one block keeps none
+            assert saved == 0 and len(b.prefix_cache) == 0                  # a budget below one token keeps none
         r = batched.generate(base, method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6, seed=3,
                              ignore_eos=True)
         assert r.token_ids == fast.generate(base, method="scr", weights={"E": 1.0, "T": 0.5}, max_new_tokens=6,

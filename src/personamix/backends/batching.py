@@ -52,7 +52,7 @@ from . import omp
 from .cache import KVPool, SlabCache
 from .cuda_graphs import StaticSteps
 from .multilora import MultiLoraBackend
-from .prefix_cache import BLOCK, PrefixCache
+from .prefix_cache import PrefixCache
 
 ATTENTION = "personamix_calls"
 #: calls with at most this many new tokens attend together in one call per layer; longer ones
@@ -548,28 +548,27 @@ class BatchingBackend(Backend):
                 continue
             c.prompt = c.tokens.tolist()
             limit = len(c.prompt) - c.n_logits          # the positions asked for are computed
-            if limit < BLOCK:
+            if limit < 1:
                 continue
             found = [cache.lookup(kind, c.prompt, limit) for kind in c.adapters]
-            blocks = min(len(f) for f in found)
-            if blocks == 0:
+            n = min(limit, *(sum(e.length for e in f) for f in found))   # cached for every row
+            if n == 0:
                 continue
-            n = blocks * BLOCK
             for layer in range(found[0][0].k.shape[0]):
-                like = found[0][0].k[layer].unsqueeze(0)                         # [1, kv_heads, BLOCK, D]
+                like = found[0][0].k[layer].unsqueeze(0)                         # [1, kv_heads, length, D]
                 pool.ensure(layer, pool.booked, n, like)
                 for r, entries in enumerate(found):
-                    pool.k[layer][c.cache.start + r, :, :n] = torch.cat([e.k[layer] for e in entries[:blocks]], 1)
-                    pool.v[layer][c.cache.start + r, :, :n] = torch.cat([e.v[layer] for e in entries[:blocks]], 1)
+                    pool.k[layer][c.cache.start + r, :, :n] = torch.cat([e.k[layer] for e in entries], 1)[:, :n]
+                    pool.v[layer][c.cache.start + r, :, :n] = torch.cat([e.v[layer] for e in entries], 1)[:, :n]
                 c.cache.layer(layer).length = n
             c.tokens = c.tokens[n:]
             cache.tokens_saved += n * len(c.adapters)
 
     def _store_prefixes(self, calls: list[Call], cache: PrefixCache) -> None:
-        """Keep the full blocks of every prompt of this forward, per row kind."""
+        """Keep every prompt of this forward (its full blocks and its tail), per row kind."""
         pool = self.pool
         for c in calls:
-            if c.prompt is None or len(c.prompt) < BLOCK:
+            if c.prompt is None:
                 continue
             for r, kind in enumerate(c.adapters):
                 slot = c.cache.start + r

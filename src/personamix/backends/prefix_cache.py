@@ -9,10 +9,15 @@ BLOCK tokens, so a new generation's prompt forward starts after its longest cach
 
 An entry is one block of one row kind: its keys and values at every layer, keyed by
 (row kind, the entry of the block before it, this block's tokens), so a key names its whole
-prefix exactly (no hashing: nothing to collide). Least recently used entries go first once
-the cache holds more than its byte budget. A restored prefix gives the same keys and values a
-fresh forward gives up to float rounding (they came from another forward, over other rows),
-the same guarantee as batching with other generations.
+prefix exactly (no hashing: nothing to collide). A prompt's last, partial block (1 to BLOCK-1
+tokens) is kept as an entry of its own that nothing chains after: a prompt asked again (a
+regenerated answer, the same question in another persona, the server's load test), or
+continued (the next turn of a chat), starts after all of it, not after its last full block
+(SGLang's radix cache reuses at token granularity too; vLLM's blocks are full blocks only).
+Least recently used entries go first once the cache holds more than its byte budget. A
+restored prefix gives the same keys and values a fresh forward gives up to float rounding
+(they came from another forward, over other rows), the same guarantee as batching with other
+generations.
 """
 from __future__ import annotations
 
@@ -21,15 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
-#: tokens per cached block: a prompt's last partial block is computed, never cached
+#: tokens per cached block (a prompt's last, partial block is an entry of its own: shorter)
 BLOCK = 16
 
 
 @dataclass
 class _Entry:
     id: int
-    k: torch.Tensor        # [layers, kv_heads, BLOCK, head_dim]
+    k: torch.Tensor        # [layers, kv_heads, BLOCK (a prompt's tail: fewer), head_dim]
     v: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
 
     @property
     def nbytes(self) -> int:
@@ -49,37 +58,43 @@ class PrefixCache:
         self.tokens_saved = 0                 # prompt tokens x rows not recomputed
 
     def lookup(self, kind: int, tokens: list[int], limit: int) -> list[_Entry]:
-        """The cached blocks of the longest prefix of `tokens` (at most `limit` tokens) for row
-        kind `kind` (-1: the reference, i: adapter i), oldest first; marks them recently used."""
-        found, parent = [], 0
+        """The cached entries of the longest prefix of `tokens` for row kind `kind` (-1: the
+        reference, i: adapter i), oldest first: full blocks, then possibly a stored prompt's tail,
+        until they cover `limit` tokens (the last one may reach past `limit`: use its first part
+        only); marks them recently used."""
+        found, parent, pos = [], 0, 0
         self.lookups += 1
-        for start in range(0, limit - BLOCK + 1, BLOCK):
-            key = (kind, parent, tuple(tokens[start: start + BLOCK]))
-            entry = self._entries.get(key)
-            if entry is None:
-                break
-            self._entries.move_to_end(key)
+        while pos < limit and pos + BLOCK <= len(tokens) and (
+                entry := self._use((kind, parent, tuple(tokens[pos: pos + BLOCK])))):
             found.append(entry)
-            parent = entry.id
+            parent, pos = entry.id, pos + BLOCK
+        for n in range(min(BLOCK - 1, len(tokens) - pos) if pos < limit else 0, 0, -1):   # a tail stored after `parent`
+            if entry := self._use((kind, parent, tuple(tokens[pos: pos + n]))):
+                found.append(entry)
+                break
         self.hits += bool(found)
         return found
 
+    def _use(self, key: tuple) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
     def store(self, kind: int, tokens: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        """Keep the full blocks of a prompt `tokens` for row kind `kind`, from its keys/values at
-        every layer, k[layer] / v[layer] [kv_heads, >= len(tokens), head_dim] (copied)."""
+        """Keep a prompt `tokens` for row kind `kind`, its full blocks and its tail, from its
+        keys/values at every layer, k[layer] / v[layer] [kv_heads, >= len(tokens), head_dim] (copied)."""
         parent = 0
-        for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
-            key = (kind, parent, tuple(tokens[start: start + BLOCK]))
-            entry = self._entries.get(key)
+        for start in range(0, len(tokens), BLOCK):
+            end = min(start + BLOCK, len(tokens))
+            key = (kind, parent, tuple(tokens[start:end]))
+            entry = self._use(key)
             if entry is None:
-                end = start + BLOCK
                 entry = _Entry(self._next_id, torch.stack([x[:, start:end] for x in k]),
                                torch.stack([x[:, start:end] for x in v]))
                 self._next_id += 1
                 self._entries[key] = entry
                 self.nbytes += entry.nbytes
-            else:
-                self._entries.move_to_end(key)
             parent = entry.id
         while self.nbytes > self.max_bytes and self._entries:    # a child of an evicted block is
             _, old = self._entries.popitem(last=False)           # unreachable and goes in its turn
