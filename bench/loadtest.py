@@ -8,13 +8,15 @@ forwards; the share of the level's time in model forwards and waiting for compan
 them) and its resident memory (when idle) before and after each level. The last level is repeated, so
 memory growth is read after a warm-up at full concurrency.
 
-    python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--max-tokens 32] [--out docs/loadtest.md]
+    python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--min-level-requests 8] [--max-tokens 32]
+                             [--out docs/loadtest.md]
                              [--unique] [--prefix-cache-mb 256] [--gather-wait 1.0] [--no-cuda-graphs]
 
 Four prompts repeat (each with its persona; one warm-up request each before the first level, so
 every level, one client's included, starts with them cached) unless --unique gives every
 request of the run its own (never seen before, in any level); the server's prefix cache
-(--prefix-cache-mb, 0 = off) serves what prompts share.
+(--prefix-cache-mb, 0 = off) serves what prompts share. Every request of the run has a seed of
+its own.
 """
 from __future__ import annotations
 
@@ -46,11 +48,12 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def one_request(url: str, i: int, max_tokens: int, method: str, unique: int | None = None) -> dict:
-    """Request i (its prompt, persona and seed); `unique`: the number that makes its prompt its own."""
-    prompt = ("" if unique is None else f"Question {unique}. ") + PROMPTS[i % len(PROMPTS)]   # from its 2nd word
+def one_request(url: str, i: int, max_tokens: int, method: str, number: int, unique: bool = False) -> dict:
+    """Request i of a level (its prompt and persona); `number`: its number in the run (its seed,
+    and with `unique` what makes its prompt its own)."""
+    prompt = (f"Question {number}. " if unique else "") + PROMPTS[i % len(PROMPTS)]   # from its 2nd word
     body = {"messages": [{"role": "user", "content": prompt}], "stream": True,
-            "max_tokens": max_tokens, "persona": PERSONAS[i % len(PERSONAS)], "method": method, "seed": i,
+            "max_tokens": max_tokens, "persona": PERSONAS[i % len(PERSONAS)], "method": method, "seed": number,
             "temperature": 0.7, "top_p": 0.9}
     start, first, tokens, done = time.perf_counter(), None, 0, False
     try:
@@ -94,13 +97,13 @@ def idle_rss_mb(url: str, pid: int | None) -> float | None:
 
 
 def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None,
-          unique: int | None = None) -> dict:
+          first: int, unique: bool = False) -> dict:
+    """One level: `clients` clients, `requests` each, numbered from `first` in the run."""
     before = idle_rss_mb(url, pid)
     counters = batching(url)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda i: one_request(url, i, max_tokens, method,
-                                                      None if unique is None else unique + i),
+        results = list(pool.map(lambda i: one_request(url, i, max_tokens, method, first + i, unique),
                                 range(clients * requests)))
     wall = time.perf_counter() - start
     forwards, calls, busy, waited, row_tokens, prompt_rows = (x1 - x0 for x0, x1 in zip(counters, batching(url)))
@@ -148,6 +151,9 @@ def main() -> None:
     ap.add_argument("--url", default=None)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 16, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--min-level-requests", type=int, default=8,
+                    help="at least this many requests per level (more per client where clients are few): one "
+                         "client's baseline then covers every persona twice, not whichever two requests come first")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--method", default="scr")
     ap.add_argument("--unique", action="store_true",
@@ -164,11 +170,15 @@ def main() -> None:
         proc = start_server(port, max(a.levels), a.prefix_cache_mb, a.gather_wait, a.no_cuda_graphs)
         url = f"http://127.0.0.1:{port}"
     try:
-        for i in range(1 if a.unique else len(PROMPTS)):     # warm-up (and the repeating prompts cached)
-            one_request(url, i, 4, a.method, 0 if a.unique else None)
-        firsts = [1 + sum(c * a.requests for c in a.levels[:j]) for j in range(len(a.levels))]   # --unique numbers
-        rows = [level(url, c, a.requests, a.max_tokens, a.method, proc.pid if proc else None,
-                      first if a.unique else None) for c, first in zip(a.levels, firsts)]
+        warm = 1 if a.unique else len(PROMPTS)
+        for i in range(warm):                                   # warm-up (and the repeating prompts cached)
+            one_request(url, i, 4, a.method, i, a.unique)
+        # every request of the run has its own number: its seed (and with --unique its prompt), so no
+        # level repeats another's drafts (whose keys/values the prefix cache would hold)
+        per_client = [max(a.requests, -(-a.min_level_requests // c)) for c in a.levels]
+        firsts = [warm + sum(c * r for c, r in zip(a.levels[:j], per_client)) for j in range(len(a.levels))]
+        rows = [level(url, c, r, a.max_tokens, a.method, proc.pid if proc else None, first, a.unique)
+                for c, r, first in zip(a.levels, per_client, firsts)]
         health = httpx.get(url + "/health", timeout=10).json()
         saved = health.get("prefix_cache")
     finally:
@@ -195,7 +205,8 @@ def main() -> None:
                      f"level, {last[-1]['rss_after_mb']:.0f} MB after the last ({growth:+.1%}; "
                      f"{sum(r['requests'] for r in last[1:])} more requests).")
     info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "
-            f"request, {a.requests} streaming requests per client, personas cycling ENTJ/ISFP/INFJ/ESTP, "
+            f"request, {a.requests} streaming requests per client (at least {a.min_level_requests} per level), "
+            f"personas cycling ENTJ/ISFP/INFJ/ESTP, "
             f"{os.cpu_count()} CPU cores, {'a different prompt per request' if a.unique else '4 prompts repeating'}, "
             f"prefix cache {a.prefix_cache_mb:g} MB, server backend {health['backend']!r} on {health['device']} "
             f"in {health['dtype']}, gather wait {(health.get('batching') or {}).get('gather_wait', '-')}")

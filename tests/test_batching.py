@@ -296,23 +296,29 @@ def test_the_prefix_cache_keeps_blocks_and_tails_per_row_kind_and_evicts_the_lea
     prompt = list(range(40))
     cache.store(-1, prompt, k, k)                               # 2 full blocks and the 8-token tail
     assert len(cache) == 3
-    lengths = lambda found: [e.length for e in found]
+    lengths = lambda found: [e.length for e in found[0]]
     found = cache.lookup(-1, prompt + [7], limit=40)            # the prompt continued: all of it
-    assert lengths(found) == [16, 16, 8] and torch.equal(found[1].k[2], k[2][:, 16:32])
-    assert torch.equal(found[2].k[2], k[2][:, 32:40]) and torch.equal(found[2].v[0], k[0][:, 32:40])
-    assert lengths(cache.lookup(-1, prompt, limit=39)) == [16, 16, 8]   # asked again: the tail reaches past limit
-    assert cache.lookup(0, prompt, limit=40) == []              # another row kind (an adapter): its own entries
-    assert lengths(cache.lookup(-1, prompt[:16] + [99] * 24, limit=40)) == [16]   # shares the first block only
-    assert lengths(cache.lookup(-1, prompt[:36] + [99], limit=36)) == [16, 16]     # a tail is used only whole
-    assert lengths(cache.lookup(-1, prompt, limit=31)) == [16, 16]                 # none once `limit` is covered
-    assert lengths(cache.lookup(-1, prompt[:8], limit=7)) == []
-    block = found[0].nbytes
-    assert found[2].nbytes == block // 2
+    assert lengths(found) == [16, 16, 8] and found[1] == 40
+    assert torch.equal(found[0][1].k[2], k[2][:, 16:32]) and torch.equal(found[0][2].k[2], k[2][:, 32:40])
+    assert torch.equal(found[0][2].v[0], k[0][:, 32:40])
+    assert cache.lookup(-1, prompt, limit=39)[1] == 39          # asked again: all but the position asked for
+    assert cache.lookup(0, prompt, limit=40) == ([], 0)         # another row kind (an adapter): its own entries
+    assert cache.lookup(-1, prompt[:16] + [99] * 24, limit=40)[1] == 16   # shares the first block only
+    assert cache.lookup(-1, prompt[:36] + [99], limit=36) == (found[0], 36)   # 4 of the tail's 8 tokens
+    assert cache.lookup(-1, prompt[:40] + [1], limit=31)[1] == 31          # never past `limit`
+    assert cache.lookup(-1, prompt[:8], limit=7)[1] == 7                   # the first block's first tokens
+    cache.store(0, prompt[:20] + [1, 2, 3], k, k)               # a prompt + a drafted chunk ...
+    assert cache.lookup(0, prompt[:20] + [4, 5, 6, 7], limit=21)[1] == 20   # ... another draft: the prompt
+    assert cache.lookup(0, prompt[:20] + [1, 2, 9, 9], limit=23)[1] == 22
+    block = found[0][0].nbytes
+    assert found[0][2].nbytes == block // 2
     small = PrefixCache(max_bytes=4 * block)
     small.store(-1, prompt, k, k)
     small.store(0, prompt, k, k)              # 5 blocks' worth > 4: the oldest (kind -1, its first block) goes
     assert len(small) == 5 and small.nbytes == 4 * block
-    assert small.lookup(-1, prompt, limit=40) == [] and lengths(small.lookup(0, prompt, limit=40)) == [16, 16, 8]
+    assert small.lookup(-1, prompt, limit=40) == ([], 0) and lengths(small.lookup(0, prompt, limit=40)) == [16, 16, 8]
+    small.clear()
+    assert len(small) == 0 and small.lookup(0, prompt, limit=40) == ([], 0)
 
 
 @pytest.mark.parametrize("max_mb", [64, 0.0001], ids=["kept", "evicted"])

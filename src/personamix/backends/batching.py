@@ -550,10 +550,11 @@ class BatchingBackend(Backend):
             limit = len(c.prompt) - c.n_logits          # the positions asked for are computed
             if limit < 1:
                 continue
-            found = [cache.lookup(kind, c.prompt, limit) for kind in c.adapters]
-            n = min(limit, *(sum(e.length for e in f) for f in found))   # cached for every row
+            looked = [cache.lookup(kind, c.prompt, limit) for kind in c.adapters]
+            n = min(held for _, held in looked)          # cached for every row
             if n == 0:
                 continue
+            found = [entries for entries, _ in looked]
             for layer in range(found[0][0].k.shape[0]):
                 like = found[0][0].k[layer].unsqueeze(0)                         # [1, kv_heads, length, D]
                 pool.ensure(layer, pool.booked, n, like)
