@@ -16,6 +16,8 @@
 #      its adapter weights linked to this tree's, which are the same), same questions and seeds.
 #   5. (step "samplers", run before 4) bench/sampler_overhead.py: a sampler's own time per forward
 #      outside the model, this tree and BEFORE, top-p 0.9 (what a busy server's forward waits for).
+#   6. (step "qkv", not in the default STEPS) bench/qkv_fusion.py: packed forwards with q/k/v as one
+#      matmul against three (backends/qkv.py; on CUDA, replayed from CUDA graphs where they apply).
 #
 #   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
 #
@@ -86,6 +88,11 @@ CONFIG="$PERSONAMIX_CACHE/models/smollm2-135m-instruct"
   timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200
   timeout 90 $PY bench/gpu_probe.py --device "$DEVICE" --config "$CONFIG" rss --forwards 200 --cudnn
 } 2>&1 | grep -v -i "warn" | tee "$OUT/probe.txt"
+fi
+
+if want qkv; then
+say qkv
+timeout 240 $PY bench/qkv_fusion.py --device "$DEVICE" 2>&1 | grep "^|" | tee "$OUT/qkv_fusion.md"
 fi
 
 if want samplers; then
