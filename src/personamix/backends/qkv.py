@@ -62,16 +62,15 @@ class QKVPart(nn.Module):
         return self.shared.part(x, self.index)
 
 
-def _fused_lora(parts: list[nn.Module], linear: nn.Linear, rows: AdapterRows) -> MultiLoraLinear:
+def _fused_lora(parts: list[nn.Module], linear: nn.Linear, sizes: tuple[int, int, int],
+                rows: AdapterRows) -> MultiLoraLinear:
     """One MultiLoraLinear over the fused `linear` from the parts' deltas (zero where a part has none)."""
-    wrapped = [p for p in parts if isinstance(p, MultiLoraLinear)]
-    n, rank = wrapped[0].lora_a.shape[0], wrapped[0].lora_a.shape[2]
-    like = wrapped[0].lora_a
+    like = next(p for p in parts if isinstance(p, MultiLoraLinear)).lora_a      # [N, in, r]
+    n, rank = like.shape[0], like.shape[2]
     a = like.new_zeros(n, linear.in_features, 3 * rank)                     # [N, in, 3r]
     b = like.new_zeros(n, 3 * rank, linear.out_features)                    # [N, 3r, out], block-diagonal
     col = 0
-    for j, p in enumerate(parts):
-        out = p.base.out_features if isinstance(p, MultiLoraLinear) else p.out_features
+    for j, (p, out) in enumerate(zip(parts, sizes)):
         if isinstance(p, MultiLoraLinear):
             a[:, :, j * rank:(j + 1) * rank] = p.lora_a
             b[:, j * rank:(j + 1) * rank, col:col + out] = p.lora_b
@@ -95,10 +94,9 @@ def fuse_qkv(model: nn.Module, rows: AdapterRows | None = None) -> int:
         w = [b.weight for b in bases]
         if len({(x.shape[1], x.dtype, x.device) for x in w}) != 1:
             continue
-        if any(isinstance(p, MultiLoraLinear) for p in parts):
-            shapes = {(p.lora_a.shape[0], p.lora_a.shape[2]) for p in parts if isinstance(p, MultiLoraLinear)}
-            if rows is None or len(shapes) != 1:
-                continue
+        adapted = [p for p in parts if isinstance(p, MultiLoraLinear)]
+        if adapted and (rows is None or len({(p.lora_a.shape[0], p.lora_a.shape[2]) for p in adapted}) != 1):
+            continue
         sizes = tuple(x.shape[0] for x in w)
         linear = nn.Linear(w[0].shape[1], sum(sizes), bias=any(b.bias is not None for b in bases),
                            device=w[0].device, dtype=w[0].dtype)
@@ -107,7 +105,7 @@ def fuse_qkv(model: nn.Module, rows: AdapterRows | None = None) -> int:
             if linear.bias is not None:
                 linear.bias.copy_(torch.cat([b.bias if b.bias is not None else x.new_zeros(x.shape[0])
                                              for b, x in zip(bases, w)]))
-        inner = _fused_lora(parts, linear, rows) if any(isinstance(p, MultiLoraLinear) for p in parts) else linear
+        inner = _fused_lora(parts, linear, sizes, rows) if adapted else linear
         shared = SharedQKV(inner, sizes)
         module.qkv_proj = shared
         for i, name in enumerate(NAMES):
