@@ -24,7 +24,8 @@ backend's plain forward (its cache is an ordinary transformers cache over its sl
 single generation costs what it costs on `fast`, bit for bit.
 
 Around the forward: generation threads do their own tensor work on one core and the thread that
-runs a forward runs it on all of them, one OpenMP team at a time (omp.py); optionally
+runs a forward runs it on all of them, one OpenMP team at a time (omp.py); on CPU the generation
+threads run their work between forwards one at a time (turns.py), not interleaved op by op; optionally
 (`cache_prefixes`, on in `personamix serve`) prompt prefixes' keys/values are kept across
 generations and restored into a prompt's slots before its forward (prefix_cache.py).
 
@@ -53,6 +54,7 @@ from .cache import KVPool, SlabCache
 from .cuda_graphs import StaticSteps
 from .multilora import MultiLoraBackend
 from .prefix_cache import PrefixCache
+from .turns import Turns
 
 ATTENTION = "personamix_calls"
 #: calls with at most this many new tokens attend together in one call per layer; longer ones
@@ -63,6 +65,8 @@ SHORT = 8
 GROUPED_ON_CPU = True
 #: BatchingBackend's default gather_wait (see there); measured in docs/batching.md ("Gathering")
 GATHER_WAIT = 1.0
+#: a generation's turn between forwards (turns.py) lasts at most this many forwards' durations
+TURN_LIMIT = 0.5
 
 
 class BatchingUnsupported(PersonamixError):
@@ -368,6 +372,10 @@ class BatchingBackend(Backend):
     at once with whatever is queued). Waiting longer than a forward is never worth it: a
     generation that misses this forward gets the next one.
 
+    take_turns: generation threads run their own work between forwards one at a time (turns.py),
+    each for at most TURN_LIMIT forwards' durations; None: on CPU, where it was measured
+    (docs/batching.md, "Taking turns"). `turns.taken_over` counts turns that ran past the limit.
+
     cuda_graphs: run decoding steps (every call of a forward at most SHORT new tokens) as CUDA
     graph replays, one graph per padded shape (cuda_graphs.py); None: on a CUDA device. True
     elsewhere runs the same padded steps eagerly (what the tests compare). `graphs` (None when
@@ -379,7 +387,8 @@ class BatchingBackend(Backend):
     restricts_columns = True
 
     def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True,
-                 gather_wait: float = GATHER_WAIT, cuda_graphs: bool | None = None):
+                 gather_wait: float = GATHER_WAIT, cuda_graphs: bool | None = None,
+                 take_turns: bool | None = None):
         if not 0 <= gather_wait < float("inf"):
             raise PersonamixError(f"gather_wait must be a finite number >= 0, got {gather_wait}")
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
@@ -392,13 +401,18 @@ class BatchingBackend(Backend):
         self.pool = KVPool()                   # every generation's keys and values (cache.KVPool)
         self._queue: list[Call] = []           # calls waiting for the next forward
         self._running = False                  # a thread is running a forward (or `paused` holds them)
-        self._turn = threading.Condition()     # guards both; notified when a forward ends
+        lock = threading.RLock()
+        self._turn = threading.Condition(lock)  # guards both; notified when a forward ends
+        # the thread about to run a forward waits on this one for the others' calls (same lock), so
+        # an arrival wakes that thread only, not every thread waiting for its forward
+        self._arrivals = threading.Condition(lock)
         self.forwards = self.calls = self.row_tokens = self.prompt_row_tokens = 0
         self.busy_s = self.waited_s = 0.0
         self.prefix_cache: PrefixCache | None = None
         self.gather_wait = gather_wait
         self._away: set[int] = set()           # threads served by the last forward that have not queued since
         self._forward_s = 0.0                  # a forward's recent duration (moving average)
+        self.turns = Turns() if (self.device.type == "cpu" if take_turns is None else take_turns) else None
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         self.graphs = (StaticSteps(model, self.pool, self.lora.rows, len(self.names), self.device.type == "cuda",
@@ -428,6 +442,8 @@ class BatchingBackend(Backend):
 
     def free_cache(self, cache: SlabCache) -> None:
         cache.release()
+        if self.turns is not None:
+            self.turns.give()
         with self._turn:
             self._back(threading.get_ident())  # its generation is over: no next call to wait for
 
@@ -447,6 +463,8 @@ class BatchingBackend(Backend):
         me = threading.get_ident()
         for c in calls:
             c.thread = me
+        if self.turns is not None:
+            self.turns.give()
         omp.use_one_thread()                   # a generation thread's own tensor work: one core (omp.py)
         with self._turn:
             self._queue.extend(calls)          # all at once: they always land in the same forward
@@ -474,6 +492,8 @@ class BatchingBackend(Backend):
         for c in calls:
             if c.error is not None:
                 raise c.error
+        if self.turns is not None:
+            self.turns.take(TURN_LIMIT * self._forward_s)   # this generation's work until its next call
         return [c.logits for c in calls], 1
 
     def _gather(self) -> None:
@@ -484,7 +504,7 @@ class BatchingBackend(Backend):
         start = time.perf_counter()
         deadline = start + self.gather_wait * self._forward_s
         while self._away and (left := deadline - time.perf_counter()) > 0:
-            self._turn.wait(min(left, 1.0))    # a huge gather_wait must not overflow the lock's timeout
+            self._arrivals.wait(min(left, 1.0))   # a huge gather_wait must not overflow the lock's timeout
         self.waited_s += time.perf_counter() - start
         self._away.clear()                     # a straggler is not waited for again
 
@@ -492,7 +512,7 @@ class BatchingBackend(Backend):
         """`thread` need not be waited for (it queued a call, or its generation ended); under `_turn`."""
         if thread in self._away:
             self._away.discard(thread)
-            self._turn.notify_all()            # the thread about to run a forward may be waiting for it
+            self._arrivals.notify()            # the thread about to run a forward may be waiting for it
 
     def call(self, group: Group, tokens: torch.Tensor, cache, n_logits: int, names: Sequence[str],
              columns: torch.Tensor | None = None) -> Call:
