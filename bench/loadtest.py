@@ -181,6 +181,7 @@ def main() -> None:
                 for c, r, first in zip(a.levels, per_client, firsts)]
         health = httpx.get(url + "/health", timeout=10).json()
         saved = health.get("prefix_cache")
+        taken = (health.get("batching") or {}).get("turns_taken_over")   # None: the server takes no turns
     finally:
         if proc:
             proc.terminate()
@@ -217,6 +218,8 @@ def main() -> None:
     if saved:
         lines.append(f"\nPrefix cache: {saved['hits']} of {saved['lookups']} prompt rows found a cached "
                      f"prefix; {saved['tokens_saved']} prompt tokens x rows not recomputed.")
+    if taken is not None:
+        lines.append(f"\nTurns between forwards taken over (held past their limit): {taken}.")
     print(info)
     print("\n".join(lines))
     for r in rows:
