@@ -5,7 +5,7 @@ sampler: target math, drafting, streaming; a few hundred small tensor ops, each 
 Python's GIL while it runs. With 16 such threads on 2 cores every release hands the GIL to
 another thread, so they run interleaved op by op: on the machine of docs/batching.md the server
 made ~600 voluntary and ~130 involuntary context switches per forward, and the next forward then
-ran 15-30% slower than the same mix replayed alone (caches and branch predictors cold, its
+ran 14-35% slower than the same mix replayed alone (caches and branch predictors cold, its
 OpenMP team preempted). Taking turns (one generation's work, then the next) does the same work
 with ~80 switches per forward.
 
