@@ -3,11 +3,11 @@
 When a shared forward ends (batching.py), every generation it served wakes at once and runs its
 sampler: target math, drafting, streaming; a few hundred small tensor ops, each of which releases
 Python's GIL while it runs. With 16 such threads on 2 cores every release hands the GIL to
-another thread, so they run interleaved op by op: on the machine of docs/batching.md the server
-made ~600 voluntary and ~130 involuntary context switches per forward, and the next forward then
-ran 14-35% slower than the same mix replayed alone (caches and branch predictors cold, its
-OpenMP team preempted). Taking turns (one generation's work, then the next) does the same work
-with ~80 switches per forward.
+another thread, so they run interleaved op by op: on the machine of docs/batching.md 16 such
+threads made ~600 voluntary and ~130 involuntary context switches per forward, and the forward's
+own thread, preempted 6-9 times in each, ran 14-35% slower than the same mix replayed alone.
+Taking turns (one generation's work, then the next) does the same work with ~80 switches per
+forward, and the forwards run at the replay's speed.
 
 A turn is held from the moment a thread's forward returns until it queues its next call or ends
 its generation. It is bounded: a thread that keeps it longer than `limit` (a consumer that
