@@ -11,7 +11,8 @@ generation that is alone, or whose thread has queued its call, is never waited f
 
 All rows are packed into one sequence without padding (a one-token draft beside a k-token
 chunk to score, or a prompt); every linear layer (the bulk of the cost) runs once over it,
-LoRA deltas included (the multi-LoRA packed mode).
+LoRA deltas included (the multi-LoRA packed mode), through the decoder's layers as one plain
+function (decoder.py) where the model is of Llama's shape.
 
 Keys and values of every generation in flight live in ONE pool per layer (cache.KVPool,
 [slots, kv_heads, capacity, head_dim]; a generation's group owns a slot per row), so attention
@@ -52,6 +53,7 @@ from ..errors import PersonamixError, first_line
 from . import omp
 from .cache import KVPool, SlabCache
 from .cuda_graphs import StaticSteps
+from .decoder import PackedDecoder, packed_decoder
 from .multilora import MultiLoraBackend
 from .prefix_cache import PrefixCache
 from .turns import Turns
@@ -246,12 +248,14 @@ _PACKED = torch.ones(1, 1, 1, 1, dtype=torch.bool)       # a 4D "mask" the model
                                                          # packed calls mask themselves (_Batch.attend)
 
 
-def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool) -> None:
+def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool,
+                  decoder: PackedDecoder | None = None) -> None:
     """One forward of the model over the rows of all `calls`, packed into one sequence (each
     row at its own positions); sets each call's logits [rows, n_logits, V] (V: its `columns` only,
     when it has them) and appends its new
     keys/values to its slots in `pool`. The model's attention implementation must be ATTENTION
-    and the LoRA row state (if any) set by the caller (see token_adapters)."""
+    and the LoRA row state (if any) set by the caller (see token_adapters). `decoder`: the
+    decoder's forward as a plain function (decoder.py; None: the model's own)."""
     dev = next(model.parameters()).device
     batch = _Batch(calls, pool, dev)
     ids, keep, o = [], [], 0
@@ -260,9 +264,12 @@ def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool) -> No
         ids.append(c.tokens.repeat(rows))
         keep += [o + r * t + j for r in range(rows) for j in range(t - c.n_logits, t)]
         o += rows * t
-    hidden = model.get_decoder()(input_ids=torch.cat(ids).view(1, -1), position_ids=batch.pos.view(1, -1),
-                                 attention_mask=_PACKED, cache=batch, batch=batch,
-                                 use_cache=True).last_hidden_state[0]                          # [S, d]
+    if decoder is not None:
+        hidden = decoder(torch.cat(ids), batch.pos, batch)                                     # [S, d]
+    else:
+        hidden = model.get_decoder()(input_ids=torch.cat(ids).view(1, -1), position_ids=batch.pos.view(1, -1),
+                                     attention_mask=_PACKED, cache=batch, batch=batch,
+                                     use_cache=True).last_hidden_state[0]                      # [S, d]
     batch.commit()
     hidden = hidden.index_select(0, torch.tensor(keep, device=dev))                       # [K, d]
     head = model.get_output_embeddings()
@@ -376,6 +383,11 @@ class BatchingBackend(Backend):
     each for at most TURN_LIMIT forwards' durations; None: on CPU, where it was measured
     (docs/batching.md, "Taking turns"). `turns.taken_over` counts turns that ran past the limit.
 
+    plain_decoder: run packed forwards through the decoder as a plain function over the model's
+    layers (decoder.py: the same ops without transformers' per-layer Python, 1.05-1.08x per
+    forward on CPU) where the model is of its Llama shape and a load-time probe finds the same
+    logits; `decoder` is None where the model's own forward runs instead.
+
     cuda_graphs: run decoding steps (every call of a forward at most SHORT new tokens) as CUDA
     graph replays, one graph per padded shape (cuda_graphs.py); None: on a CUDA device. True
     elsewhere runs the same padded steps eagerly (what the tests compare). `graphs` (None when
@@ -388,7 +400,7 @@ class BatchingBackend(Backend):
 
     def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True,
                  gather_wait: float = GATHER_WAIT, cuda_graphs: bool | None = None,
-                 take_turns: bool | None = None):
+                 take_turns: bool | None = None, plain_decoder: bool = True):
         if not 0 <= gather_wait < float("inf"):
             raise PersonamixError(f"gather_wait must be a finite number >= 0, got {gather_wait}")
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
@@ -399,6 +411,8 @@ class BatchingBackend(Backend):
         self.packed_linears = self.lora.packed_linears
         model.set_attn_implementation(ATTENTION)
         self.pool = KVPool()                   # every generation's keys and values (cache.KVPool)
+        self.decoder = self._packed_decoder() if plain_decoder else None
+        omp.release_team()                     # the probe's forwards gave this thread a team: one at a time
         self._queue: list[Call] = []           # calls waiting for the next forward
         self._running = False                  # a thread is running a forward (or `paused` holds them)
         lock = threading.RLock()
@@ -417,6 +431,29 @@ class BatchingBackend(Backend):
             cuda_graphs = self.device.type == "cuda"
         self.graphs = (StaticSteps(model, self.pool, self.lora.rows, len(self.names), self.device.type == "cuda",
                                    SHORT) if cuda_graphs else None)
+
+    @torch.inference_mode()
+    def _packed_decoder(self) -> PackedDecoder | None:
+        """The model's decoder as a plain function (decoder.py) when it computes what the model's
+        own forward does on a probe (calls of the reference and every adapter, over fresh caches
+        and over cached prefixes, short and long); None (the model's own forward) otherwise."""
+        decoder = packed_decoder(self.model)
+        if decoder is None:
+            return None
+        ids = torch.arange(SHORT + 4, device=self.device) * 7 % self.vocab_size
+        rows = self.lora.row_adapters("all", self.names)             # the reference and every adapter
+        logits = []
+        for dec in (None, decoder):
+            pool = KVPool(slots=len(rows) + 1, capacity=4)            # grows on the way
+            a = Call(ids[:SHORT + 1], SlabCache(pool, len(rows)), 2, rows)       # long, all rows
+            b = Call(ids[:5], SlabCache(pool, 1), 2, [-1])                           # short, the reference
+            c, d = Call(ids[SHORT + 1:], a.cache, 3, rows), Call(ids[5:6], b.cache, 1, [-1])
+            for calls in ([a, b], [c, d]):
+                with self.lora.packed_rows(token_adapters(calls)):
+                    forward_calls(self.model, calls, pool, dec)
+            logits.append(torch.cat([x.logits.flatten() for x in (a, b, c, d)]).float())
+        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        return decoder if torch.allclose(logits[1], logits[0], atol=tol, rtol=tol) else None
 
     def stop_cuda_graphs(self) -> None:
         """Run every forward eagerly from now on (drops the graphs, gives their scratch slot back)."""
@@ -542,7 +579,7 @@ class BatchingBackend(Backend):
                 c.logits = self.lora.forward_call(c.group, c.tokens, c.cache, c.n_logits, c.names)
             else:
                 with self.lora.packed_rows(token_adapters(calls)):
-                    forward_calls(self.model, calls, self.pool)
+                    forward_calls(self.model, calls, self.pool, self.decoder)
                 whole = False
             for c in calls if whole else ():
                 if c.columns is not None:

@@ -294,7 +294,7 @@ class Server:
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls,
                                 "row_tokens": backend.row_tokens, "prompt_row_tokens": backend.prompt_row_tokens,
                                 "busy_s": round(backend.busy_s, 3), "waited_s": round(backend.waited_s, 3),
-                                "gather_wait": backend.gather_wait,
+                                "gather_wait": backend.gather_wait, "plain_decoder": backend.decoder is not None,
                                 "turns_taken_over": None if backend.turns is None else backend.turns.taken_over}
             graphs = backend.graphs
             body["batching"]["cuda_graphs"] = None if graphs is None else {
