@@ -215,3 +215,28 @@ def test_top_p_on_a_sorted_prefix_keeps_what_sorting_everything_keeps(monkeypatc
                 monkeypatch.setattr(targets, "TOP_P_PREFIXES", prefixes)
                 assert torch.equal(targets._support(logits, 0, top_p), full)
             assert full.any(-1).all()                 # the most likely token always stays
+
+
+@pytest.mark.parametrize("full_row", [False, True], ids=["truncated", "one-row-untruncated"])
+def test_a_drafts_rows_on_the_union_of_their_supports(full_row):
+    """draft()'s [k, U] log-probs on the union of its positions' supports: what writing [V] rows
+    (-inf off each support) and keeping the ids where any row is finite gives, without [k, V]
+    passes; a row over the whole vocabulary (nothing truncated) keeps [k, V] and no ids."""
+    from personamix.engine.samplers.common import _on_union
+
+    torch.manual_seed(0)
+    vocab = 50
+    supports = [torch.randperm(vocab)[:n].sort().values for n in (3, 9, 1, 6)]
+    rows = [torch.log_softmax(torch.randn(len(ids)), -1) for ids in supports]
+    rows[1][2] = float("-inf")       # on a top-k support yet of probability 0: its column stays, -inf everywhere
+    if full_row:
+        supports[2], rows[2] = None, torch.log_softmax(torch.randn(vocab), -1)
+    whole = torch.stack([row if ids is None else torch.full((vocab,), float("-inf")).index_copy_(0, ids, row)
+                         for row, ids in zip(rows, supports)])                             # [k, V]
+    got, ids = _on_union(rows, supports)
+    if full_row:
+        assert ids is None and torch.equal(got, whole)
+        return
+    assert torch.equal(ids, torch.cat(supports).unique()) and bool((ids[1:] > ids[:-1]).all())
+    assert torch.equal(got, whole[:, ids])
+    assert not bool(torch.isfinite(whole[:, ids.new_tensor(sorted(set(range(vocab)) - set(ids.tolist())))]).any())

@@ -204,6 +204,13 @@ def on_columns(x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     return x if ids is None else x.index_select(-1, ids)
 
 
+def to_vocabulary(x: torch.Tensor, ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """x [..., U] on the columns `ids` (log-probs) -> [..., vocab], -inf at every other id."""
+    if ids is None:
+        return x
+    return x.new_full((*x.shape[:-1], vocab), float("-inf")).index_copy_(-1, ids, x)
+
+
 def column_of(ids: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
     """The columns of vocabulary ids `tokens` in `log_probs_on_support`'s result (for ids on the
     support; one off it gets some other column: check `vocab_id` where that can happen)."""

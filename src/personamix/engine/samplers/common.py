@@ -40,21 +40,38 @@ def sample_token(logp: torch.Tensor, rng: torch.Generator, greedy: bool = False,
 
 
 def draft(session: Session, seq: list[int], k: int, target: Target, rng: torch.Generator,
-          greedy: bool = False) -> tuple[list[int], torch.Tensor]:
+          greedy: bool = False) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
     """Sample k tokens from the reference after `seq` (k single-row forwards; its argmax when `greedy`).
 
-    Returns the chunk and the reference log-probs at its k positions [k, V] (with the
-    target's temperature / top-k / top-p), the proposal q of every drafted token.
+    Returns the chunk, the reference log-probs at its k positions [k, U] (with the target's
+    temperature / top-k / top-p: the proposal q of every drafted token) and the vocabulary ids of
+    their columns [U]: the union of the k positions' supports, ascending, each row -inf off its
+    own (targets.log_probs_on_support); None, and U = V, when nothing is truncated.
     """
     chunk: list[int] = []
-    logq = []
+    rows, supports = [], []
     for _ in range(k):
         logits = session.logits("ref", seq + chunk, 1)[0, -1]                         # [V]
-        lq, ids = log_probs_on_support(logits[None], target)                           # [1, U]: the support's ids
+        lq, ids = log_probs_on_support(logits[None], target)                           # [1, U_j]: the support's ids
         chunk.append(sample_token(lq[0], rng, greedy, ids))
-        logq.append(lq[0] if ids is None else
-                    lq.new_full(logits.shape, float("-inf")).index_copy_(0, ids, lq[0]))   # [V], -inf off the support
-    return chunk, torch.stack(logq)
+        rows.append(lq[0])
+        supports.append(ids)
+    return (chunk, *_on_union(rows, supports))
+
+
+def _on_union(rows: list[torch.Tensor],
+              supports: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of log-probs [U_j] on their own ids -> [k, U] on the union of the ids (-inf elsewhere) and
+    that union [U]; [k, V] and None where a row covers the vocabulary. Built on the supports' ids:
+    the same as writing [V] rows and finding the ids where any is finite, without four passes
+    over [k, V] (isfinite alone ~0.2 ms at k=4 on one core)."""
+    if any(ids is None for ids in supports):
+        v = next(row.shape[0] for row, ids in zip(rows, supports) if ids is None)
+        return torch.stack([row if ids is None else row.new_full((v,), float("-inf")).index_copy_(0, ids, row)
+                            for row, ids in zip(rows, supports)]), None
+    union = torch.cat(supports).unique()                                               # [U] ascending
+    return torch.stack([row.new_full(union.shape, float("-inf")).index_copy_(0, torch.searchsorted(union, ids), row)
+                        for row, ids in zip(rows, supports)]), union
 
 
 def rejection_sample_token(logp: torch.Tensor, target: Target, rng: torch.Generator,

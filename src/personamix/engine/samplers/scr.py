@@ -56,9 +56,7 @@ from ..targets import (
     chunk_log_probs,
     column_of,
     log_probs,
-    on_columns,
     prefix_scores,
-    support_ids,
     token_scores,
     vocab_id,
 )
@@ -79,12 +77,11 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
     chunks = 0
     while True:
         k = min(params.k, session.backend.max_length - len(seq))   # never draft past the context
-        chunk, logq = draft(session, seq, k, target, rng)                           # [k, V]
         # the step's math needs the chunk's supports only (every other id has probability 0 under
         # every row): it runs on their ids' columns, ids None = all, and the preference models'
         # output layer is computed there only where the backend can (restricts_columns)
-        support = torch.isfinite(logq)                                             # [k, V] the reference's
-        ids = support_ids(support)                                                 # [U]
+        chunk, logq, ids = draft(session, seq, k, target, rng)                      # [k, U], ids [U]
+        support = torch.isfinite(logq)                                             # [k, U] the reference's
         scoring = ("prefs", seq + chunk[:-1], k, ids)
         if session.fuses and len(seq) + k < session.backend.max_length:
             # the next step's first draft logits (after the whole chunk) ride along in the scoring
@@ -92,8 +89,6 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
             pref_logits, _ = session.logits_together([scoring, ("ref", seq + chunk, 1)])      # [N, k, U]
         else:
             pref_logits = session.logits_together([scoring])[0]                   # [N, k, U]
-        logq = on_columns(logq, ids)                                               # [k, U]
-        support = on_columns(support, ids)                                         # [k, U]
         chunk_c = column_of(ids, torch.tensor(chunk, device=logq.device))         # [k] the chunk's columns
         # the cascade needs the drafted tokens' log-probs only; whole distributions only for the
         # exact verification and the fallback (at position 1)

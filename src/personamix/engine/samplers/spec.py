@@ -21,7 +21,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, column_of, log_probs_on_support, on_columns, token_target, vocab_id
+from ..targets import Target, column_of, log_probs_on_support, on_columns, to_vocabulary, token_target, vocab_id
 from .common import draft, draw, sample_token
 
 
@@ -30,14 +30,15 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
     seq = list(prompt)
     while True:
         k = min(params.k, session.backend.max_length - len(seq))   # never draft past the context
-        chunk, logq = draft(session, seq, k, target, rng, params.greedy)          # [k, V]
+        chunk, logq, drafted = draft(session, seq, k, target, rng, params.greedy)  # [k, U_d], ids [U_d]
         # over the ids on the supports of the k+1 positions only (targets.log_probs_on_support)
-        logp, ids = log_probs_on_support(session.logits("all", seq + chunk, k + 1), target)   # [N+1, k+1, U]
+        logits = session.logits("all", seq + chunk, k + 1)                         # [N+1, k+1, V]
+        logp, ids = log_probs_on_support(logits, target)                           # [N+1, k+1, U]
         logp_star, _, clamped = token_target(logp, target)                        # [k+1, U]
         chunk_t = torch.tensor(chunk, device=logq.device)
         col = column_of(ids, chunk_t)          # the drafted tokens' columns; a token off this support
         on = chunk_t == (col if ids is None else ids[col])   # (rounding between two forwards) has p* = 0
-        logq = on_columns(logq, ids)                                               # [k, U]
+        logq = on_columns(to_vocabulary(logq, drafted, logits.shape[-1]), ids)     # [k, U]
         idx = col.view(-1, 1)
         if params.greedy:
             rejected = ((logp_star[:k].argmax(-1) != col) | ~on).tolist()
