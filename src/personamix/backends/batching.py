@@ -193,10 +193,11 @@ class _Batch:
         i = module.layer_idx
         kp, vp = self.pool.k[i], self.pool.v[i]
         gqa = kp.shape[1] != query.shape[1]
-        out = torch.empty_like(query)
         if self.short:   # every short call in one call: their slots, padded queries, own-length masks
+            # without long calls the short ones' positions are all of them, in order (src = 0..S-1)
+            mine = query[0].transpose(0, 1) if not self.long else query[0, :, self.src].transpose(0, 1)   # [S', H, D]
             q = query.new_zeros(self.n_slots, query.shape[1], self.t_max, query.shape[3])
-            q[self.dst_slot, :, self.dst_t] = query[0, :, self.src].transpose(0, 1)
+            q[self.dst_slot, :, self.dst_t] = mine
             if self.region is not None:
                 k, v = kp[self.region, :, :self.l_max], vp[self.region, :, :self.l_max]
             else:
@@ -206,6 +207,10 @@ class _Batch:
                 o = self._grouped_attention(q, k, v, scaling)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=gqa)
+            if not self.long:
+                return o[self.dst_slot, :, self.dst_t].unsqueeze(0)                  # [1, S, H, D], in order
+        out = torch.empty_like(query)
+        if self.short:
             out[0, :, self.src] = o[self.dst_slot, :, self.dst_t].transpose(0, 1)
         for j in self.long:
             c, past, off, t = self.calls[j], self.pasts[j], self.offsets[j], self.lens[j]
