@@ -27,12 +27,16 @@ embeddings and offset norms, ...) keeps the model's own forward.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .qkv import QKVPart, SharedQKV
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
 
 _LAYER = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
 _ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -47,16 +51,16 @@ class _Layer:
     attn: nn.Module                      # the attention module (its layer_idx, scaling: for `attend`)
     norm1_w: torch.Tensor
     norm1_eps: float
-    qkv: object                          # x -> [..., out_q + out_k + out_v] (one fused projection) or (q, k, v)
+    qkv: Callable[[torch.Tensor], Any]   # x -> [..., out_q + out_k + out_v] (one fused projection) or (q, k, v)
     fused: bool
     heads: tuple[int, int]               # fused: query and key/value heads (its columns: q's, k's, v's)
-    o: object
+    o: Fn
     norm2_w: torch.Tensor
     norm2_eps: float
-    gate: object
-    up: object
-    down: object
-    act: object
+    gate: Fn
+    up: Fn
+    down: Fn
+    act: Fn
     head_dim: int
 
 
@@ -73,7 +77,7 @@ def _rms_norm_parts(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
     return params["weight"], eps
 
 
-def _qkv(attn: nn.Module, head_dim: int) -> tuple[object, bool, tuple[int, int]]:
+def _qkv(attn: nn.Module, head_dim: int) -> tuple[Callable[[torch.Tensor], Any], bool, tuple[int, int]]:
     """(x -> [q k v] from the fused projection, True, (query heads, key/value heads)) where there is
     one (qkv.py), else (x -> (q, k, v), False, (0, 0))."""
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
