@@ -91,6 +91,7 @@ def test_bf16_default_model_is_batched_across_requests():
     gen = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", device="cpu", dtype=torch.bfloat16)
     fast = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", device="cpu", dtype=torch.bfloat16, backend="fast")
     assert gen.backend.kind == "batched" and next(gen.backend.model.parameters()).dtype == torch.bfloat16
+    assert gen.backend.decoder is not None          # packed forwards through decoder.py, in bf16 too
     b, names = gen.backend, ("E", "N", "T", "J")
     prompts = [gen.encode("How do you spend a free Saturday?"), gen.encode("Describe your morning.")]
     calls = [b.call("all", torch.tensor(p), b.new_cache("all", names), 2, names) for p in prompts]
