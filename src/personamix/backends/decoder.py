@@ -16,7 +16,8 @@ the same computation as a loop over the layers' weights:
     h = rms_norm(h)
 
 with the ops of transformers' Llama code in the same order, so its outputs equal the model's own
-forward bit for bit (a load-time probe checks that, `packed_decoder`). The linear layers are the
+forward bit for bit (the batched backend checks that on a probe at load time,
+`BatchingBackend._packed_decoder`; `packed_decoder` checks the layers' shape). The linear layers are the
 model's own modules (oneDNN-packed, multi-LoRA, fused q/k/v), called through `forward`.
 
 Models it takes: decoders whose layers hold exactly input_layernorm, self_attn (q/k/v/o
