@@ -39,7 +39,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -326,6 +326,21 @@ def token_adapters(calls: list[Call]) -> list[int]:
 
 
 @torch.inference_mode()
+def probe_calls(model: PreTrainedModel, ids: torch.Tensor, rows: list[int], decoder: PackedDecoder | None = None,
+                packed_rows=None) -> list[Call]:
+    """The load-time probes' two packed forwards over a fresh pool: a long call (`rows`: the adapter
+    of each row) beside a short one of the reference, then both again over what they cached (two
+    short calls); the four calls, their logits set. `packed_rows`: the LoRA row state's context
+    (MultiLoraBackend.packed_rows), None for a model without adapters."""
+    pool = KVPool(slots=len(rows) + 1, capacity=4)                                   # grows on the way
+    a, b = Call(ids[:SHORT + 1], SlabCache(pool, len(rows)), 1, rows), Call(ids[:5], SlabCache(pool, 1), 2, [-1])
+    c, d = Call(ids[SHORT + 1:], a.cache, 3, rows), Call(ids[5:6], b.cache, 1, [-1])
+    for calls in ([a, b], [c, d]):
+        with packed_rows(token_adapters(calls)) if packed_rows else nullcontext():
+            forward_calls(model, calls, pool, decoder)
+    return [a, b, c, d]
+
+
 def check_batchable(model: PreTrainedModel) -> None:
     """Raise BatchingUnsupported unless `forward_calls` reproduces this model's own forward:
     a long and a short call of different lengths, then short calls over their cached prefixes,
@@ -350,11 +365,7 @@ def check_batchable(model: PreTrainedModel) -> None:
     try:
         model.set_attn_implementation(ATTENTION)
         plain = model(input_ids=ids.view(1, -1)).logits[0]
-        pool = KVPool(slots=2, capacity=4)                                           # grows on the way
-        a, b = Call(ids[:SHORT + 1], SlabCache(pool, 1), 1, [-1]), Call(ids[:5], SlabCache(pool, 1), 2, [-1])
-        forward_calls(model, [a, b], pool)                                           # a long call and a short one
-        c = Call(ids[SHORT + 1:], a.cache, 3, [-1])
-        forward_calls(model, [c, Call(ids[5:6], b.cache, 1, [-1])], pool)            # two short calls over prefixes
+        a, b, c, _ = probe_calls(model, ids, [-1])
         got = torch.cat([a.logits[0], b.logits[0], c.logits[0], plain])
         want = torch.cat([expected[SHORT:SHORT + 1], expected[3:5], expected[SHORT + 1:], expected])
         tol = 1e-4 if expected.dtype == torch.float32 else 5e-2
@@ -447,16 +458,8 @@ class BatchingBackend(Backend):
             return None
         ids = torch.arange(SHORT + 4, device=self.device) * 7 % self.vocab_size
         rows = self.lora.row_adapters("all", self.names)             # the reference and every adapter
-        logits = []
-        for dec in (None, decoder):
-            pool = KVPool(slots=len(rows) + 1, capacity=4)            # grows on the way
-            a = Call(ids[:SHORT + 1], SlabCache(pool, len(rows)), 2, rows)       # long, all rows
-            b = Call(ids[:5], SlabCache(pool, 1), 2, [-1])                           # short, the reference
-            c, d = Call(ids[SHORT + 1:], a.cache, 3, rows), Call(ids[5:6], b.cache, 1, [-1])
-            for calls in ([a, b], [c, d]):
-                with self.lora.packed_rows(token_adapters(calls)):
-                    forward_calls(self.model, calls, pool, dec)
-            logits.append(torch.cat([x.logits.flatten() for x in (a, b, c, d)]).float())
+        calls = [probe_calls(self.model, ids, rows, dec, self.lora.packed_rows) for dec in (None, decoder)]
+        logits = [torch.cat([c.logits.flatten() for c in cs]).float() for cs in calls]
         tol = 1e-4 if self.dtype == torch.float32 else 5e-2
         return decoder if torch.allclose(logits[1], logits[0], atol=tol, rtol=tol) else None
 

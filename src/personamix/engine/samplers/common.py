@@ -11,7 +11,7 @@ import torch
 from ...errors import PersonamixError
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, aggregate, log_probs_on_support, token_scores
+from ..targets import Target, aggregate, log_probs_on_support, to_vocabulary, token_scores
 
 #: proposals a Token-RS round over an engine asks the reference for in one call
 ENGINE_PROPOSALS = 2   # measured fastest for token-rs of 1, 2, 4 (docs/scale-out.md)
@@ -67,8 +67,7 @@ def _on_union(rows: list[torch.Tensor],
     over [k, V] (isfinite alone ~0.2 ms at k=4 on one core)."""
     if any(ids is None for ids in supports):
         v = next(row.shape[0] for row, ids in zip(rows, supports) if ids is None)
-        return torch.stack([row if ids is None else row.new_full((v,), float("-inf")).index_copy_(0, ids, row)
-                            for row, ids in zip(rows, supports)]), None
+        return torch.stack([to_vocabulary(row, ids, v) for row, ids in zip(rows, supports)]), None
     union = torch.cat(supports).unique()                                               # [U] ascending
     return torch.stack([row.new_full(union.shape, float("-inf")).index_copy_(0, torch.searchsorted(union, ids), row)
                         for row, ids in zip(rows, supports)]), union
