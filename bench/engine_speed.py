@@ -5,8 +5,9 @@ measured side by side (methods interleaved in each repeat), plus transformers' o
     python bench/engine_speed.py [--n 2 4 8] [--backends fast lora] [--tokens 64] [--repeats 3] [--out docs/speed.md]
 
 A backend name with ":plain" (e.g. batched:plain) runs it with PyTorch's default linear
-kernels instead of oneDNN-prepacked weights; `generate() [onednn]` is transformers' loop on a
-reference whose linear layers were packed the same way (onednn.py).
+kernels instead of prepacked weights, ":onednn" or ":avx2" on that linear kernel (packing.py;
+default: the one chosen for this CPU); `generate() [onednn]` / `[avx2]` is transformers' loop on a
+reference whose linear layers were packed the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from personamix import Generator
-from personamix.backends.onednn import pack_linears
+from personamix.backends.packing import ENV, KERNELS, pack_linears
 from personamix.cli.common import quiet
 from personamix.evaluation.bench import hf_generate
 from personamix.loading import DEFAULT_MODEL, load_reference, random_adapters
@@ -37,12 +38,28 @@ PROMPT = "Write a short paragraph about how you like to spend a free weekend."
 METHODS = ["base", "token", "token-rs", "scr", "spec"]
 
 
+def generator(spec: str, adapters: dict[str, str]) -> Generator:
+    """A generator for "BACKEND[:plain|:onednn|:avx2]" (see the module docstring)."""
+    backend, _, kernel = spec.partition(":")
+    before = os.environ.get(ENV)
+    if kernel in KERNELS:
+        os.environ[ENV] = kernel             # read when the backend packs its linear layers
+    try:
+        return Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend=backend, device="cpu",
+                                         onednn=kernel != "plain")
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--backends", nargs="+", default=["fast", "lora"],
                     help="batched, fast (multi-LoRA), lora (PEFT adapter_names=), separate (merged copies); "
-                         "NAME:plain without oneDNN-prepacked weights")
+                         "NAME:plain without prepacked weights, NAME:onednn / NAME:avx2 on that linear kernel")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=4)
@@ -51,15 +68,15 @@ def main() -> None:
     quiet()
     torch.manual_seed(0)
     rows = []
-    plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
-    packed, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
-    yardsticks = {"generate()": plain, "generate() [onednn]": packed} if pack_linears(packed) else {"generate()": plain}
+    yardsticks = {"generate()": load_reference(DEFAULT_MODEL, torch.device("cpu"))[0]}
+    for kernel in KERNELS:
+        packed, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
+        if pack_linears(packed, kernel):
+            yardsticks[f"generate() [{kernel}]"] = packed
     for n in a.n:
         names = [chr(ord("A") + i) for i in range(n)]
         adapters = random_adapters(DEFAULT_MODEL, names)
-        gens = {b: Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend=b.split(":")[0], device="cpu",
-                                             onednn=not b.endswith(":plain"))
-                for b in a.backends}
+        gens = {b: generator(b, adapters) for b in a.backends}
         ids = next(iter(gens.values())).encode(PROMPT)
         weights = {name: 1.0 / n for name in names}
         runs_of = [(y, None, None) for y in yardsticks] + [(m, b, g) for b, g in gens.items() for m in METHODS]

@@ -2,7 +2,7 @@
 (a) the plain reference, 1 row; (b) the plain reference with N+1 identical rows (the floor
 for any one-forward scoring of N+1 rows); (c) the fast multi-LoRA backend, N+1 rows;
 (d) PEFT adapter_names=, N+1 rows. (a)-(c) both with PyTorch's default linear kernels and
-with oneDNN-prepacked weights (onednn.py). Median of 2 x 20 steps each, interleaved.
+with prepacked weights (the kernel packing.py picks for this CPU). Median of 2 x 20 steps each, interleaved.
 
     python bench/step_profile.py [--n 2 4 8] [--out docs/step_profile.md]
 """
@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from personamix import Generator
-from personamix.backends.onednn import pack_linears
+from personamix.backends.packing import chosen_kernel, pack_linears
 from personamix.cli.common import quiet
 from personamix.engine.session import Session
 from personamix.loading import DEFAULT_MODEL, load_reference, random_adapters
@@ -72,13 +72,14 @@ def main() -> None:
     quiet()
     plain, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
     packed, _ = load_reference(DEFAULT_MODEL, torch.device("cpu"))
-    if not pack_linears(packed):
-        raise SystemExit("oneDNN-packed linear layers are not usable on this machine")
+    kernel = chosen_kernel()                                # this CPU's (packing.py); the fast backend's too
+    if not pack_linears(packed, kernel):
+        raise SystemExit(f"{kernel}-packed linear layers are not usable on this machine")
     cols = [("p1", "plain, 1 row"), ("pn", "plain, N+1 rows"), ("fast", "fast multi-LoRA, N+1 rows"),
-            ("q1", "oneDNN: plain, 1 row"), ("qn", "oneDNN: plain, N+1 rows"), ("qfast", "oneDNN: fast, N+1 rows"),
-            ("peft", "PEFT adapter_names, N+1 rows")]
-    lines = ["| N | " + " | ".join(c for _, c in cols) + " | oneDNN fast / oneDNN plain 1 row | "
-             "oneDNN fast / plain 1 row |", "|---|" + "---|" * (len(cols) + 2)]
+            ("q1", f"{kernel}: plain, 1 row"), ("qn", f"{kernel}: plain, N+1 rows"),
+            ("qfast", f"{kernel}: fast, N+1 rows"), ("peft", "PEFT adapter_names, N+1 rows")]
+    lines = ["| N | " + " | ".join(c for _, c in cols) + f" | {kernel} fast / {kernel} plain 1 row | "
+             f"{kernel} fast / plain 1 row |", "|---|" + "---|" * (len(cols) + 2)]
     for n in a.n:
         adapters = random_adapters(DEFAULT_MODEL, [chr(ord("A") + i) for i in range(n)])
         fast = Generator.from_pretrained(DEFAULT_MODEL, adapters=adapters, backend="fast", device="cpu", onednn=False)

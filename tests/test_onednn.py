@@ -6,7 +6,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from personamix import Generator
-from personamix.backends.onednn import PackedLinear, pack_linears, packing_problem
+from personamix.backends.onednn import PackedLinear, packing_problem
+from personamix.backends.packing import pack_linears
 from personamix.engine.session import Session
 from personamix.testing import save_lora, save_tiny, tiny_model
 
@@ -31,7 +32,7 @@ def test_packed_linear_equals_linear(bias, shape):
 def test_pack_linears_swaps_every_linear_and_keeps_the_logits():
     model, plain = tiny_model(vocab=5, hidden=32, layers=2), tiny_model(vocab=5, hidden=32, layers=2)
     n_linear = sum(type(m) is nn.Linear for m in model.modules())
-    assert pack_linears(model) == n_linear == 2 * 7 + 1
+    assert pack_linears(model, "onednn") == n_linear == 2 * 7 + 1
     assert not any(type(m) is nn.Linear for m in model.modules())
     ids = torch.tensor([SEQ])
     with torch.inference_mode():
@@ -46,7 +47,7 @@ def test_tied_embeddings_still_embed():
     ids = torch.tensor([[1, 5, 2]])
     with torch.inference_mode():
         want = model(input_ids=ids).logits
-        pack_linears(model)
+        pack_linears(model, "onednn")
         got = model(input_ids=ids).logits
     assert isinstance(model.lm_head, PackedLinear) and model.model.embed_tokens.weight.shape == (7, 16)
     assert torch.allclose(got, want, atol=1e-5)
@@ -54,7 +55,7 @@ def test_tied_embeddings_still_embed():
 
 def test_bfloat16_model_is_packed_or_left_alone():
     model, plain = tiny_model(hidden=32).to(torch.bfloat16), tiny_model(hidden=32).to(torch.bfloat16)
-    packed = pack_linears(model)
+    packed = pack_linears(model, "onednn")
     assert packed in (0, 8)   # 0 where this build's oneDNN has no bf16 linear: then the model is untouched
     ids = torch.tensor([SEQ])
     with torch.inference_mode():
@@ -68,14 +69,14 @@ def test_a_failing_op_is_named_and_the_model_left_untouched(monkeypatch):
     monkeypatch.setattr(PackedLinear, "forward", broken)   # stands in for a PyTorch build whose op fails
     model = tiny_model()
     with pytest.warns(UserWarning, match="no kernel for this build"):
-        assert pack_linears(model) == 0
+        assert pack_linears(model, "onednn") == 0
     assert type(model.lm_head) is nn.Linear
 
 
 def test_unsupported_dtype_leaves_the_model_untouched():
     model = tiny_model().to(torch.float16)
     assert "float16" in packing_problem(model.lm_head)
-    assert pack_linears(model) == 0
+    assert pack_linears(model, "onednn") == 0
     assert type(model.lm_head) is nn.Linear
 
 

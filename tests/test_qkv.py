@@ -7,7 +7,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from personamix.backends.multilora import MultiLoraLinear, attach
-from personamix.backends.onednn import pack_linears
+from personamix.backends.packing import pack_linears
 from personamix.backends.qkv import QKVPart, SharedQKV, fuse_qkv
 from personamix.testing import save_lora, save_tiny, tiny_model
 

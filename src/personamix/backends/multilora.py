@@ -35,7 +35,7 @@ from ..errors import PersonamixError, first_line
 from . import omp
 from .cache import PreallocatedCache
 from .local import LocalBackend
-from .onednn import pack_linears
+from .packing import pack_linears
 
 
 class UnsupportedAdapter(PersonamixError):

@@ -6,16 +6,15 @@ machine of docs/step_profile.md a whole SmolLM2-135M decoding step takes 55 ms f
 and 84 ms for five; with the same weights reordered once into oneDNN's blocked layout, 36 ms
 for either. That matters doubly here: MPG scores N+1 rows per step.
 
-`pack_linears(model)` swaps every nn.Linear of a CPU model for a `PackedLinear` holding only
-the reordered weight (the plain weight is freed unless something else holds it, e.g. the
-embedding tied to lm_head), after checking on the model's first linear layer that the op
-exists in this PyTorch build and agrees with F.linear. Outputs equal nn.Linear's up to float
-rounding (a different summation order). Inference only: the op has no backward.
+`PackedLinear` holds only the reordered weight (the plain weight is freed unless something else
+holds it, e.g. the embedding tied to lm_head); `packing_problem` checks on one layer that the op
+exists in this PyTorch build and agrees with F.linear; packing.py swaps a model's layers (onto
+this kernel or, on AVX2-only CPUs, avx2.py's). Outputs equal nn.Linear's up to float rounding (a
+different summation order). Inference only: the op has no backward.
 """
 from __future__ import annotations
 
 import os
-import warnings
 
 # oneDNN caches one primitive per (layer shape, number of rows). Cross-request batching feeds
 # sequences of ever-changing length, and the default capacity (1024) let that cache grow the
@@ -71,26 +70,3 @@ def packing_problem(linear: nn.Linear) -> str | None:
     if not torch.allclose(got, want, atol=tol * want.abs().max().item(), rtol=tol):
         return f"oneDNN linear differs from F.linear by {(got - want).abs().max().item():.2g}"
     return None
-
-
-def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of a CPU model by a PackedLinear (in place); the number replaced.
-    0, with the model untouched, when the model is not on CPU or the op is not usable here."""
-    modules = dict(model.named_modules())
-    linears = [(name, m) for name, m in modules.items() if type(m) is nn.Linear]
-    if not linears:
-        return 0
-    problem = packing_problem(linears[0][1])
-    if problem is not None:
-        w = linears[0][1].weight
-        if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16):   # expected to work: say why not
-            warnings.warn(f"oneDNN-packed linear layers unavailable ({problem}); using PyTorch's kernels (slower)",
-                          stacklevel=2)
-        return 0
-    for name, linear in linears:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, PackedLinear(linear))
-    with torch.no_grad():   # the rest may still be views of the memory-mapped checkpoint, which would then
-        for t in (*model.parameters(), *model.buffers()):   # stay mapped, plain linear weights and all
-            t.data = t.data.clone()
-    return len(linears)

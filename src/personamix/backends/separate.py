@@ -20,7 +20,7 @@ from ..loading import check_same_vocab
 from . import omp
 from .cache import PreallocatedCache
 from .local import LocalBackend
-from .onednn import pack_linears
+from .packing import pack_linears
 
 
 class SeparateModelsBackend(LocalBackend):

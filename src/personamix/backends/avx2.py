@@ -1,0 +1,109 @@
+"""Linear layers on personamix's own AVX2 kernel, for x86 CPUs whose widest vectors are AVX2.
+
+On such a CPU (the 2-core AMD EPYC / Zen 3 of docs/bench/avx2_linear.md) oneDNN's matmul for the
+few rows of a decoding step neither streams the weights at the memory's bandwidth nor hides
+its arithmetic behind that stream: SmolLM2-135M's 150 decoder linears take 19 ms for one row
+and 27 ms for five (the N+1 rows of `token` at N=4), where reading their 424 MB takes 13 ms. The
+kernel in csrc/avx2_linear.cpp reads each weight once per call, packed into panels of 16 output
+columns, and keeps 6 rows' partial sums in registers: 15 ms for one row, 16.5 for five, and
+ahead of oneDNN up to prompt-sized batches (there by less).
+
+`Avx2Linear` swaps in for an fp32 nn.Linear on CPU (outputs equal up to float rounding: another
+summation order). The kernel is a shared library built by `pip install` (setup.py; optional:
+where it was not built, `avx2_problem` says so and packing.py uses oneDNN). It runs on the
+OpenMP team of the calling thread, in PyTorch's own OpenMP runtime (torch.set_num_threads and
+omp.py apply), and releases the GIL while it runs (ctypes).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import first_line
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+PANEL = 16   # output columns per packed panel (csrc/avx2_linear.cpp: NR)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The kernel library, or why it cannot be used."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):   # AVX512 CPUs have AVX2 and FMA too
+        return f"this CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})"
+    here = Path(__file__).parent
+    found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"_avx2_linear{suffix}")]
+    if not found:
+        return "the AVX2 kernel was not built (setup.py builds it on x86-64 Linux with a C++ compiler)"
+    torch.get_num_threads()   # PyTorch's OpenMP runtime first: the library's libgomp.so.1 resolves to it
+    try:
+        lib = ctypes.CDLL(str(found[0]))
+        lib.pml_pack.argtypes = [_P, _I, _I, _P]
+        lib.pml_linear.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+    except (OSError, AttributeError) as e:
+        return f"the AVX2 kernel does not load: {first_line(e)}"
+    return lib
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] (fp32, CPU) -> its panels [ceil(N/16), K, 16] (zero columns pad the last)."""
+    lib = _library()
+    assert not isinstance(lib, str), lib
+    w = weight.detach().contiguous()
+    n, k = w.shape
+    out = torch.empty(-(-n // PANEL), k, PANEL)
+    lib.pml_pack(w.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+class Avx2Linear(nn.Module):
+    """y = x W^T + b with W held as the AVX2 kernel's panels (fp32, CPU, inference only)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.panels = pack(linear.weight)                                          # [ceil(N/16), K, 16]
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        if k != self.in_features:
+            raise RuntimeError(f"Avx2Linear: input has {k} features, expected {self.in_features}")
+        x2 = x.reshape(-1, k).contiguous()                                         # [M, K]
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        if x2.shape[0]:
+            _library().pml_linear(x2.data_ptr(), x2.shape[0], k, self.panels.data_ptr(),
+                                  None if self.bias is None else self.bias.data_ptr(), self.out_features,
+                                  y.data_ptr())
+        return y.view(*lead, self.out_features)
+
+    def unpacked_weight(self) -> torch.Tensor:
+        """The plain weight [N, K], unpacked (a copy; for tests and inspection)."""
+        return self.panels.transpose(1, 2).reshape(-1, self.in_features)[: self.out_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def avx2_problem(linear: nn.Linear) -> str | None:
+    """Why `linear` cannot run on the AVX2 kernel here (None: it can): device, dtype, the
+    library, or its output disagreeing with F.linear."""
+    w = linear.weight
+    if w.device.type != "cpu":
+        return f"weights on {w.device.type}"
+    if w.dtype != torch.float32:
+        return f"dtype {w.dtype} (the AVX2 kernel is fp32)"
+    lib = _library()
+    if isinstance(lib, str):
+        return lib
+    with torch.inference_mode():
+        x = torch.randn(7, linear.in_features, generator=torch.Generator().manual_seed(0))
+        got, want = Avx2Linear(linear)(x), F.linear(x, w, linear.bias)
+    if not torch.allclose(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4):
+        return f"the AVX2 kernel differs from F.linear by {(got - want).abs().max().item():.2g}"
+    return None
