@@ -2,11 +2,11 @@
 
 On such a CPU (the 2-core AMD EPYC / Zen 3 of docs/bench/avx2_linear.md) oneDNN's matmul for the
 few rows of a decoding step neither streams the weights at the memory's bandwidth nor hides
-its arithmetic behind that stream: SmolLM2-135M's 150 decoder linears take 19 ms for one row
-and 27 ms for five (the N+1 rows of `token` at N=4), where reading their 424 MB takes 13 ms. The
+its arithmetic behind that stream: SmolLM2-135M's 151 linear layers take 24 ms for one row and
+32 ms for five (the N+1 rows of `token` at N=4), where reading their 537 MB takes ~16 ms. The
 kernel in csrc/avx2_linear.cpp reads each weight once per call, packed into panels of 16 output
-columns, and keeps 6 rows' partial sums in registers: 15 ms for one row, 16.5 for five, and
-ahead of oneDNN up to prompt-sized batches (there by less).
+columns, and keeps 6 rows' partial sums in registers: 1.23x oneDNN's speed at one row, 1.45x at
+five, 1.33x at sixteen, about even at prompt-sized batches (where both are bound by arithmetic).
 
 `Avx2Linear` swaps in for an fp32 nn.Linear on CPU (outputs equal up to float rounding: another
 summation order). The kernel is a shared library built by `pip install` (setup.py; optional:
