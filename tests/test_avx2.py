@@ -47,8 +47,10 @@ def test_any_input_layout_and_no_rows():
         for x in (torch.randn(2, 3, 24), torch.randn(24, 9).t(), torch.randn(5, 48)[:, ::2], torch.randn(0, 24)):
             got, want = layer(x), lin(x)
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-        with pytest.raises(RuntimeError, match="25 features, expected 24"):
+        with pytest.raises(RuntimeError, match="input of 25 features, torch.float32, on cpu; expected 24 features"):
             layer(torch.randn(2, 25))
+        with pytest.raises(RuntimeError, match="torch.float64"):   # never a float64 buffer read as float32
+            layer(torch.randn(2, 24, dtype=torch.float64))
     assert torch.equal(layer.unpacked_weight(), lin.weight.detach())   # the panels hold the weight, nothing lost
 
 

@@ -16,6 +16,7 @@ from openai import OpenAI
 
 from personamix import Generator
 from personamix.backends.batching import GATHER_WAIT
+from personamix.backends.packing import chosen_kernel
 from personamix.serving import create_app
 from personamix.testing import save_chat_tiny, save_lora
 
@@ -104,6 +105,7 @@ def test_models_health_and_playground(server, client):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["backend"] == "batched"   # requests share forwards
     assert health["device"] == "cpu" and health["dtype"] == "float32"
+    assert health["linear_kernel"] == chosen_kernel()     # the CPU's prepacked linear layers (packing.py)
     assert health["batching"]["calls"] >= health["batching"]["forwards"]
     assert health["batching"]["row_tokens"] >= health["batching"]["prompt_row_tokens"] > 0
     assert health["batching"]["gather_wait"] == GATHER_WAIT and health["batching"]["waited_s"] >= 0

@@ -34,8 +34,9 @@ PANEL = 16   # output columns per packed panel (csrc/avx2_linear.cpp: NR)
 @functools.cache
 def _library() -> ctypes.CDLL | str:
     """The kernel library, or why it cannot be used."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):   # AVX512 CPUs have AVX2 and FMA too
-        return f"this CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})"
+    capability = torch.backends.cpu.get_cpu_capability()   # ATen's: AVX2 implies FMA; AVX-512 CPUs have both
+    if not capability.startswith(("AVX2", "AVX512")):
+        return f"this CPU has no AVX2 (PyTorch reports {capability})"
     here = Path(__file__).parent
     found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"_avx2_linear{suffix}")]
     if not found:
@@ -72,8 +73,9 @@ class Avx2Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
-        if k != self.in_features:
-            raise RuntimeError(f"Avx2Linear: input has {k} features, expected {self.in_features}")
+        if k != self.in_features or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise RuntimeError(f"Avx2Linear: input of {k} features, {x.dtype}, on {x.device.type}; expected "
+                               f"{self.in_features} features, torch.float32, on cpu")
         x2 = x.reshape(-1, k).contiguous()                                         # [M, K]
         y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
         if x2.shape[0]:

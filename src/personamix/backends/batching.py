@@ -424,7 +424,7 @@ class BatchingBackend(Backend):
         self.model = model
         self.names, self.vocab_size = self.lora.names, self.lora.vocab_size
         self.max_length, self.device, self.dtype = self.lora.max_length, self.lora.device, self.lora.dtype
-        self.packed_linears = self.lora.packed_linears
+        self.packed_linears, self.linear_kernel = self.lora.packed_linears, self.lora.linear_kernel
         model.set_attn_implementation(ATTENTION)
         self.pool = KVPool()                   # every generation's keys and values (cache.KVPool)
         self.decoder = self._packed_decoder() if plain_decoder else None

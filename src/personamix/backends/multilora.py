@@ -35,7 +35,7 @@ from ..errors import PersonamixError, first_line
 from . import omp
 from .cache import PreallocatedCache
 from .local import LocalBackend
-from .packing import pack_linears
+from .packing import linear_kernel, pack_linears
 
 
 class UnsupportedAdapter(PersonamixError):
@@ -258,6 +258,7 @@ class MultiLoraBackend(LocalBackend):
         self.rows = attach(model, adapters) if adapters else AdapterRows()
         self.fused_layers = fuse_qkv(model, self.rows)
         self.packed_linears = pack_linears(model) if onednn else 0
+        self.linear_kernel = linear_kernel(model)
         self._index = {name: i for i, name in enumerate(self.names)}
         self._lock = threading.Lock()   # the row state is shared by the wrapped layers
         self.threads = torch.get_num_threads()   # cores for a forward, whichever thread runs it (omp.py)

@@ -20,7 +20,7 @@ from ..loading import check_same_vocab
 from . import omp
 from .cache import PreallocatedCache
 from .local import LocalBackend
-from .packing import pack_linears
+from .packing import linear_kernel, pack_linears
 
 
 class SeparateModelsBackend(LocalBackend):
@@ -36,6 +36,7 @@ class SeparateModelsBackend(LocalBackend):
         self.ref = ref.eval()
         self.prefs = {name: m.eval() for name, m in zip(names, prefs)}
         self.packed_linears = sum(pack_linears(m) for m in (ref, *prefs)) if onednn else 0
+        self.linear_kernel = linear_kernel(ref)
         omp.release_team()      # the loading thread's team: idle, it would throttle every other (omp.py)
 
     def _models(self, group: Group, names: Sequence[str]) -> list[PreTrainedModel]:

@@ -40,6 +40,9 @@ class Backend(ABC):
     device: torch.device
     #: the models' dtype in this process (None where they run elsewhere: the remote backend)
     dtype: torch.dtype | None = None
+    #: which kernel runs the models' linear layers on CPU (backends/packing.py: onednn, avx2; None:
+    #: PyTorch's own, or not in this process)
+    linear_kernel: str | None = None
 
     #: short name (`backend=` in Generator.from_pretrained, GET /health)
     kind: ClassVar[str] = "?"

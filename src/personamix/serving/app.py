@@ -289,7 +289,8 @@ class Server:
         body = {"status": "ok", "model": self.model_id, "adapters": list(self.gen.adapter_names),
                 "in_flight": self.admission.active, "max_pending": self.admission.limit, "backend": backend.kind,
                 "device": str(backend.device),
-                "dtype": str(backend.dtype).removeprefix("torch.") if backend.dtype is not None else None}
+                "dtype": str(backend.dtype).removeprefix("torch.") if backend.dtype is not None else None,
+                "linear_kernel": backend.linear_kernel}
         if backend.shares_forwards:   # cross-request batching: calls / forwards = mean batch size
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls,
                                 "row_tokens": backend.row_tokens, "prompt_row_tokens": backend.prompt_row_tokens,

@@ -85,7 +85,13 @@ void pml_pack(const float* w, int64_t N, int64_t K, float* out) {
 // y [M, N] = x [M, K] (row-major) @ W^T + bias (bias may be null); P from pml_pack.
 void pml_linear(const float* x, int64_t M, int64_t K, const float* P, const float* bias, int64_t N, float* y) {
     const int64_t blocks = (M + MB - 1) / MB, panels = (N + NR - 1) / NR;
-    thread_local std::vector<float> xs;
+    // x in blocks: a decoding step's few rows in a buffer the thread keeps (no allocation per
+    // call), a prompt's many in one of their own (a server's threads would otherwise each keep
+    // the largest they ever saw)
+    constexpr int64_t KEEP = 64 * 1024;   // floats
+    thread_local std::vector<float> kept;
+    std::vector<float> own;
+    std::vector<float>& xs = blocks * K * MB <= KEEP ? kept : own;
     xs.assign(blocks * K * MB, 0.f);
     for (int64_t b = 0; b < blocks; ++b)
         for (int m = 0; m < MB && b * MB + m < M; ++m)
