@@ -1,6 +1,7 @@
 """The AVX2 linear kernel (backends/avx2.py): nn.Linear's outputs for every shape a model gives it,
 the same bits on any number of threads, and the kernel choice (packing.py)."""
 import os
+import threading
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from personamix import Generator, PersonamixError
-from personamix.backends import packing
+from personamix.backends import omp, packing
 from personamix.backends.avx2 import Avx2Linear, avx2_problem
 from personamix.backends.onednn import PackedLinear
 from personamix.backends.packing import chosen_kernel, linear_kernel, pack_linears
@@ -56,20 +57,23 @@ def test_any_input_layout_and_no_rows():
 
 @needs_kernel
 def test_the_same_bits_on_one_thread_or_many():
-    """Each output column is summed by one thread in one order, whatever the team."""
+    """Each output column is summed by one thread in one order, whatever the team: a generation
+    thread on one core (omp.use_one_thread) and inside a forward's team (omp.team) agree."""
     torch.manual_seed(0)
     layer = Avx2Linear(nn.Linear(576, 1536))       # large enough to be split among a team
-    x = torch.randn(5, 576)
-    threads = torch.get_num_threads()
-    try:
+    x, out = torch.randn(5, 576), {}
+
+    def worker():
+        omp.use_one_thread()
         with torch.inference_mode():
-            torch.set_num_threads(1)
-            one = layer(x)
-            torch.set_num_threads(max(2, threads))
-            many = layer(x)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, many)
+            out["one"] = layer(x)
+            with omp.team(2):
+                out["team"] = layer(x)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert torch.equal(out["one"], out["team"])
 
 
 @needs_kernel

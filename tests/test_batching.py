@@ -376,6 +376,7 @@ def test_a_thread_on_one_core_starts_no_team_and_hands_back_the_team_of_its_forw
     """libgomp throttles every team once threads holding teams outnumber the cores (omp.py): a
     generation thread's own ops start none, and the team of the forward it runs is gone after it."""
     big = torch.randn(256, 8192)
+    torch.set_num_threads(torch.get_num_threads())  # as a user may: it also sets MKL's count, which exp follows
     omp.release_team()                              # the main thread's, from earlier tests
     seen = {}
 

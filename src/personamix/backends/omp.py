@@ -53,6 +53,31 @@ def _libgomp() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def _mkl_local():
+    """MKL's per-thread thread count setter (mkl_set_num_threads_local), where PyTorch links MKL, or
+    None. MKL's own parallel ops (exp over a large tensor runs MKL's VML) follow MKL's count, not
+    the thread's OpenMP count, and torch.set_num_threads sets MKL's count for every thread: once a
+    user has called it, a thread put on one core here would still start a team at each such op."""
+    path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    if not torch.backends.mkl.is_available() or not path.is_file():
+        return None
+    try:
+        setter = ctypes.CDLL(str(path)).MKL_Set_Num_Threads_Local   # the C entry (int by value)
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
+
+
+def _threads(lib: ctypes.CDLL, n: int) -> None:
+    """The calling thread's parallel ops (OpenMP's and MKL's) on n cores."""
+    lib.omp_set_num_threads(n)
+    mkl = _mkl_local()
+    if mkl is not None:
+        mkl(n)
+
+
 def release_team() -> None:
     """Hand back the calling thread's team, if it has one (its next parallel op starts a new one)."""
     lib = _libgomp()
@@ -68,7 +93,7 @@ def use_one_thread() -> None:
     lib = _libgomp()
     if lib is not None:
         torch.get_num_threads()      # PyTorch sets a thread's OpenMP thread count on its first use: before us
-        lib.omp_set_num_threads(1)
+        _threads(lib, 1)
         lib.omp_pause_resource_all(_OMP_PAUSE_SOFT)
     _local.one_thread = True
 
@@ -81,9 +106,9 @@ def team(threads: int) -> Iterator[None]:
     if lib is None or not getattr(_local, "one_thread", False):
         yield
         return
-    lib.omp_set_num_threads(threads)
+    _threads(lib, threads)
     try:
         yield
     finally:
-        lib.omp_set_num_threads(1)
+        _threads(lib, 1)
         lib.omp_pause_resource_all(_OMP_PAUSE_SOFT)
