@@ -115,7 +115,8 @@ class Generator:
         preference models: `adapters` maps a name ("E", "N", ...) to a PEFT LoRA adapter
         directory / hub id, or to a full model (see backends.build_backend for `backend`). A string
         names adapters shipped for the default model: "mbti", "roleplay" or "mbti,roleplay".
-        onednn: on CPU, run linear layers with oneDNN-prepacked weights (faster; backends/onednn.py).
+        onednn: on CPU, run linear layers with prepacked weights (faster; oneDNN's, or on AVX2-only CPUs
+            personamix's own kernel: backends/packing.py; PERSONAMIX_CPU_KERNEL chooses).
         dtype: the models' dtype; default fp32, or bf16 on a GPU that supports it."""
         if isinstance(adapters, str):
             adapters = shipped_adapters(adapters, model)

@@ -7,8 +7,8 @@
 
 `build_backend` picks and builds one; the shared pieces are the KV caches (cache.py), the
 transformers-model base class (local.py), q/k/v projections as one matmul (qkv.py, fast and
-batched), on CPU oneDNN-prepacked linear layers (onednn.py), on an NVIDIA GPU attention without
-cuDNN (cuda.py);
+batched), on CPU prepacked linear layers (packing.py: oneDNN's, onednn.py, or on AVX2-only CPUs
+personamix's own kernel, avx2.py), on an NVIDIA GPU attention without cuDNN (cuda.py);
 the batched backend's own are OpenMP teams across threads (omp.py), prompt prefixes kept
 across generations (prefix_cache.py) and, on CUDA, decoding steps replayed from CUDA graphs
 (cuda_graphs.py).
@@ -46,7 +46,8 @@ def build_backend(ref: PreTrainedModel, tokenizer, adapters: Mapping[str, str] |
     cannot batch (DoRA) and for full models. A LoRA adapter on the separate backend is merged
     into its own copy of the reference.
     onednn: on CPU, the batched, fast and separate backends run every linear layer with
-    oneDNN-prepacked weights (onednn.py; False keeps PyTorch's default kernels). The lora
+    prepacked weights (packing.py: oneDNN, or the AVX2 kernel on AVX2-only CPUs; False keeps
+    PyTorch's default kernels). The lora
     backend keeps PEFT's layers as they are: it is the reference the fast path is tested against.
     """
     adapters = dict(adapters or {})

@@ -53,7 +53,7 @@ def add_model_flags(p: argparse.ArgumentParser, adapters_help: str = "") -> None
     p.add_argument("--backend", default="auto", help="auto | batched | fast | lora | separate "
                                                      "(see backends.build_backend)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when visible)")
-    p.add_argument("--no-onednn", action="store_true", help="CPU: keep PyTorch's linear kernels (see README, Backends)")
+    p.add_argument("--no-onednn", action="store_true", help="CPU: PyTorch's linear kernels, unpacked (README)")
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
