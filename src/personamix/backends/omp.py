@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,7 +54,7 @@ def _libgomp() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def _mkl_local():
+def _mkl_local() -> Callable[[int], int] | None:
     """MKL's per-thread thread count setter (mkl_set_num_threads_local), where PyTorch links MKL, or
     None. MKL's own parallel ops (exp over a large tensor runs MKL's VML) follow MKL's count, not
     the thread's OpenMP count, and torch.set_num_threads sets MKL's count for every thread: once a
