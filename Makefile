@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM ?= false
 setup: $(VENV)/.installed
 
 # setup.py builds the AVX2 kernel (src/personamix/backends/csrc): a change to it reinstalls
-$(VENV)/.installed: pyproject.toml setup.py src/personamix/backends/csrc/avx2_linear.cpp
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard src/personamix/backends/csrc/*.cpp)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -56,7 +56,7 @@ def test_grouped_attention_is_sdpa_with_a_mask():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["grouped", "sdpa"])
+@pytest.mark.parametrize("attention", ["kernel", "grouped", "sdpa"])
 @pytest.mark.parametrize("idle_between", [0, 3], ids=["region", "gathered"])
 def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, idle_between, attention, monkeypatch):
     """Seven calls in ONE forward (groups ref/prefs/all, adapter subsets in any order, 1..12 new
@@ -64,7 +64,7 @@ def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, i
     one alone) == each call alone on the fast backend; and the caches they leave behind are
     right (the next steps agree too). With other generations' idle slots between theirs, the
     short calls read only their own slots (gathered) instead of the region from first to last."""
-    monkeypatch.setattr(batching, "GROUPED_ON_CPU", attention == "grouped")   # sdpa: what a GPU runs
+    monkeypatch.setattr(batching, "CPU_ATTENTION", attention)   # sdpa: what a GPU runs
     batched, fast = pair
     b = batched.backend
     plans = [("all", ("E", "N", "T"), 3, 1), ("ref", (), 5, 1), ("prefs", ("T", "E"), 2, 4),

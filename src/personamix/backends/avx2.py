@@ -32,21 +32,33 @@ PANEL = 16   # output columns per packed panel (csrc/avx2_linear.cpp: NR)
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The kernel library, or why it cannot be used."""
+def kernel_library(stem: str) -> ctypes.CDLL | str:
+    """The compiled library `stem` next to this file (setup.py builds `_avx2_linear` and
+    `_avx2_attention`), or why it cannot be used."""
     capability = torch.backends.cpu.get_cpu_capability()   # ATen's: AVX2 implies FMA; AVX-512 CPUs have both
     if not capability.startswith(("AVX2", "AVX512")):
         return f"this CPU has no AVX2 (PyTorch reports {capability})"
     here = Path(__file__).parent
-    found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"_avx2_linear{suffix}")]
+    found = [p for suffix in importlib.machinery.EXTENSION_SUFFIXES for p in here.glob(f"{stem}{suffix}")]
     if not found:
-        return "the AVX2 kernel was not built (setup.py builds it on x86-64 Linux with a C++ compiler)"
+        return f"the AVX2 kernel {stem} was not built (setup.py builds it on x86-64 Linux with a C++ compiler)"
     torch.get_num_threads()   # PyTorch's OpenMP runtime first: the library's libgomp.so.1 resolves to it
     try:
-        lib = ctypes.CDLL(str(found[0]))
+        return ctypes.CDLL(str(found[0]))
+    except OSError as e:
+        return f"the AVX2 kernel {stem} does not load: {first_line(e)}"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The linear-layer kernel's library, or why it cannot be used."""
+    lib = kernel_library("_avx2_linear")
+    if isinstance(lib, str):
+        return lib
+    try:
         lib.pml_pack.argtypes = [_P, _I, _I, _P]
         lib.pml_linear.argtypes = [_P, _I, _I, _P, _P, _I, _P]
-    except (OSError, AttributeError) as e:
+    except AttributeError as e:
         return f"the AVX2 kernel does not load: {first_line(e)}"
     return lib
 

@@ -36,6 +36,7 @@ of its neighbours except where two tokens tie to within that rounding.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -50,8 +51,9 @@ from transformers.masking_utils import sdpa_mask
 
 from ..engine.session import Backend, Group
 from ..errors import PersonamixError, first_line
-from . import omp
+from . import cpu_attention, omp
 from .cache import KVPool, SlabCache
+from .cpu_attention import AttentionRows, attention_problem, rows_of
 from .cuda_graphs import StaticSteps
 from .decoder import PackedDecoder, packed_decoder
 from .multilora import MultiLoraBackend
@@ -62,9 +64,14 @@ ATTENTION = "personamix_calls"
 #: calls with at most this many new tokens attend together in one call per layer; longer ones
 #: (prompts) alone, so a prompt does not pad every decoding step to its length
 SHORT = 8
-#: short calls on CPU attend through two batched matmuls (_Batch._grouped_attention) rather than
-#: SDPA's flash kernel: measured faster at every mix and context tried (bench/attention_mix.py)
-GROUPED_ON_CPU = True
+#: how short calls attend on CPU: "kernel" (cpu_attention.py: one AVX2 kernel call per layer, each
+#: row over its own slot and length, where attention_problem allows; "grouped" elsewhere), "grouped"
+#: (two batched matmuls over padded queries and a mask, _Batch._grouped_attention: faster than
+#: SDPA's flash kernel at every mix and context tried) or "sdpa" (what GPUs run). Measured by
+#: bench/attention_mix.py (docs/bench/attention_mix.md). Environment: PERSONAMIX_CPU_ATTENTION
+CPU_ATTENTION = os.environ.get("PERSONAMIX_CPU_ATTENTION", "kernel")
+if CPU_ATTENTION not in ("kernel", "grouped", "sdpa"):
+    raise PersonamixError(f"PERSONAMIX_CPU_ATTENTION={CPU_ATTENTION!r}: expected kernel, grouped or sdpa")
 #: BatchingBackend's default gather_wait (see there); measured in docs/batching.md ("Gathering")
 GATHER_WAIT = 1.0
 #: a generation's turn between forwards (turns.py) lasts at most this many forwards' durations
@@ -102,7 +109,7 @@ class _Batch:
     writes every call's new keys/values into the pool in one indexed copy per layer) and to
     the attention function (`attend`). Index maps and the mask are built once, in __init__."""
 
-    def __init__(self, calls: list[Call], pool: KVPool, device: torch.device):
+    def __init__(self, calls: list[Call], pool: KVPool, device: torch.device, kernel: bool = False):
         self.calls, self.pool, self.device = calls, pool, device
         self.booked = pool.booked                 # slots in use: read once per forward, not per layer
         pasts = [c.cache.get_seq_length() for c in calls]
@@ -124,7 +131,14 @@ class _Batch:
         self.length = max(p + t for p, t in zip(pasts, lens))
         self.short = [i for i, t in enumerate(lens) if t <= SHORT]
         self.long = [i for i, t in enumerate(lens) if t > SHORT]
-        if self.short:
+        self.kernel_rows: AttentionRows | None = None      # the short rows' maps for cpu_attention
+        if self.short and kernel:
+            self.kernel_rows = rows_of((calls[i].cache.start + r, pasts[i], lens[i])
+                                       for i in self.short for r in range(len(calls[i].adapters)))
+            if self.long:
+                self.src = torch.tensor([self.offsets[i] + j for i in self.short
+                                         for j in range(len(calls[i].adapters) * lens[i])], device=device)
+        elif self.short:
             self._short_maps(calls, pasts, lens)
 
     def _short_maps(self, calls: list[Call], pasts: list[int], lens: list[int]) -> None:
@@ -193,7 +207,14 @@ class _Batch:
         i = module.layer_idx
         kp, vp = self.pool.k[i], self.pool.v[i]
         gqa = kp.shape[1] != query.shape[1]
-        if self.short:   # every short call in one call: their slots, padded queries, own-length masks
+        if self.kernel_rows is not None:   # every short row over its own slot and length, in one kernel call
+            mine = query[0] if not self.long else query[0, :, self.src]                        # [H, S', D]
+            o = cpu_attention.attend(mine, kp, vp, self.kernel_rows, scaling)                  # [S', H, D]
+            if not self.long:
+                return o.unsqueeze(0)
+            out = torch.empty_like(query)
+            out[0, :, self.src] = o.transpose(0, 1)
+        elif self.short:   # every short call in one call: their slots, padded queries, own-length masks
             # without long calls the short ones' positions are all of them, in order (src = 0..S-1)
             mine = query[0].transpose(0, 1) if not self.long else query[0, :, self.src].transpose(0, 1)   # [S', H, D]
             q = query.new_zeros(self.n_slots, query.shape[1], self.t_max, query.shape[3])
@@ -203,15 +224,16 @@ class _Batch:
             else:
                 k = kp[:, :, :self.l_max].index_select(0, self.gather)
                 v = vp[:, :, :self.l_max].index_select(0, self.gather)
-            if q.device.type == "cpu" and GROUPED_ON_CPU:
+            if q.device.type == "cpu" and CPU_ATTENTION != "sdpa":
                 o = self._grouped_attention(q, k, v, scaling)
             else:
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling, enable_gqa=gqa)
             if not self.long:
                 return o[self.dst_slot, :, self.dst_t].unsqueeze(0)                  # [1, S, H, D], in order
-        out = torch.empty_like(query)
-        if self.short:
+            out = torch.empty_like(query)
             out[0, :, self.src] = o[self.dst_slot, :, self.dst_t].transpose(0, 1)
+        else:
+            out = torch.empty_like(query)
         for j in self.long:
             c, past, off, t = self.calls[j], self.pasts[j], self.offsets[j], self.lens[j]
             rows = len(c.adapters)
@@ -253,6 +275,11 @@ _PACKED = torch.ones(1, 1, 1, 1, dtype=torch.bool)       # a 4D "mask" the model
                                                          # packed calls mask themselves (_Batch.attend)
 
 
+def head_dim(model: PreTrainedModel) -> int:
+    cfg = model.config
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool,
                   decoder: PackedDecoder | None = None) -> None:
     """One forward of the model over the rows of all `calls`, packed into one sequence (each
@@ -262,7 +289,8 @@ def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool,
     and the LoRA row state (if any) set by the caller (see token_adapters). `decoder`: the
     decoder's forward as a plain function (decoder.py; None: the model's own)."""
     dev = next(model.parameters()).device
-    batch = _Batch(calls, pool, dev)
+    batch = _Batch(calls, pool, dev, kernel=dev.type == "cpu" and CPU_ATTENTION == "kernel"
+                   and attention_problem(model.dtype, dev, head_dim(model)) is None)
     ids, keep, o = [], [], 0
     for c, t in zip(calls, batch.lens):
         rows = len(c.adapters)
