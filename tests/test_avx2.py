@@ -1,7 +1,6 @@
 """The AVX2 linear kernel (backends/avx2.py): nn.Linear's outputs for every shape a model gives it,
 the same bits on any number of threads, and the kernel choice (packing.py)."""
 import os
-import threading
 import warnings
 
 import pytest
@@ -9,12 +8,12 @@ import torch
 from torch import nn
 
 from personamix import Generator, PersonamixError
-from personamix.backends import omp, packing
+from personamix.backends import packing
 from personamix.backends.avx2 import Avx2Linear, avx2_problem
 from personamix.backends.onednn import PackedLinear
 from personamix.backends.packing import chosen_kernel, linear_kernel, pack_linears
 from personamix.engine.session import Session
-from personamix.testing import save_lora, save_tiny, tiny_model
+from personamix.testing import on_one_core_and_in_a_team, save_lora, save_tiny, tiny_model
 
 PROBLEM = avx2_problem(nn.Linear(8, 8))
 # CI builds the kernel (setup.py) on an x86-64 machine with AVX2: there a missing kernel fails
@@ -61,19 +60,9 @@ def test_the_same_bits_on_one_thread_or_many():
     thread on one core (omp.use_one_thread) and inside a forward's team (omp.team) agree."""
     torch.manual_seed(0)
     layer = Avx2Linear(nn.Linear(576, 1536))       # large enough to be split among a team
-    x, out = torch.randn(5, 576), {}
-
-    def worker():
-        omp.use_one_thread()
-        with torch.inference_mode():
-            out["one"] = layer(x)
-            with omp.team(2):
-                out["team"] = layer(x)
-
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert torch.equal(out["one"], out["team"])
+    x = torch.randn(5, 576)
+    one, team = on_one_core_and_in_a_team(lambda: layer(x))
+    assert torch.equal(one, team)
 
 
 @needs_kernel

@@ -2,13 +2,12 @@
 every row over its own slot and length, against the definition in float64, for every head layout
 and row mix a packed forward gives it; the same bits on any number of threads; bad input refused."""
 import os
-import threading
 
 import pytest
 import torch
 
-from personamix.backends import omp
 from personamix.backends.cpu_attention import attend, attention_problem, rows_of
+from personamix.testing import on_one_core_and_in_a_team
 
 PROBLEM = attention_problem(torch.float32, torch.device("cpu"), 64)
 # CI builds the kernel (setup.py) on an x86-64 machine with AVX2: there a missing kernel fails
@@ -82,18 +81,9 @@ def test_the_same_bits_on_one_thread_or_many():
     k, v = pool(40, 3, 200, 64)
     segments = [(s, 150, 1 + s % 4) for s in range(40)]
     rows = rows_of(segments)
-    q, out = torch.randn(9, rows.rows, 64), {}
-
-    def worker():
-        omp.use_one_thread()
-        out["one"] = attend(q, k, v, rows, 0.125)
-        with omp.team(2):
-            out["team"] = attend(q, k, v, rows, 0.125)
-
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    assert torch.equal(out["one"], out["team"])
+    q = torch.randn(9, rows.rows, 64)
+    one, team = on_one_core_and_in_a_team(lambda: attend(q, k, v, rows, 0.125))
+    assert torch.equal(one, team)
 
 
 @needs_kernel
