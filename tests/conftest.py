@@ -4,12 +4,16 @@ a real word-level tokenizer, real PEFT LoRA adapters)."""
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import torch
 
+from personamix.backends import omp
 from personamix.testing import save_lora, save_tiny
 
 
@@ -39,3 +43,28 @@ def tiny3_gen(tmp_path_factory):
     base = save_tiny(root / "base", vocab=3, seed=3)
     adapters = {name: save_lora(base, root / name, seed=10 + i, scale=0.7) for i, name in enumerate("ENT")}
     return Generator.from_pretrained(str(base), adapters=adapters, device="cpu")
+
+
+def _on_one_core_and_in_a_team(f: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """f() in a fresh thread put on one core (omp.use_one_thread, as a generation thread is), then
+    in that thread inside a team of 2 (omp.team, as a forward runs): a kernel that splits its
+    work among threads should give the same bits both ways."""
+    out = {}
+
+    def worker():
+        omp.use_one_thread()
+        with torch.inference_mode():
+            out["one"] = f()
+            with omp.team(2):
+                out["team"] = f()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    return out["one"], out["team"]
+
+
+@pytest.fixture
+def one_core_and_team():
+    """_on_one_core_and_in_a_team, for the kernels' tests (test_avx2, test_cpu_attention)."""
+    return _on_one_core_and_in_a_team

@@ -13,7 +13,7 @@ from personamix.backends.avx2 import Avx2Linear, avx2_problem
 from personamix.backends.onednn import PackedLinear
 from personamix.backends.packing import chosen_kernel, linear_kernel, pack_linears
 from personamix.engine.session import Session
-from personamix.testing import on_one_core_and_in_a_team, save_lora, save_tiny, tiny_model
+from personamix.testing import save_lora, save_tiny, tiny_model
 
 PROBLEM = avx2_problem(nn.Linear(8, 8))
 # CI builds the kernel (setup.py) on an x86-64 machine with AVX2: there a missing kernel fails
@@ -55,13 +55,13 @@ def test_any_input_layout_and_no_rows():
 
 
 @needs_kernel
-def test_the_same_bits_on_one_thread_or_many():
+def test_the_same_bits_on_one_thread_or_many(one_core_and_team):
     """Each output column is summed by one thread in one order, whatever the team: a generation
     thread on one core (omp.use_one_thread) and inside a forward's team (omp.team) agree."""
     torch.manual_seed(0)
     layer = Avx2Linear(nn.Linear(576, 1536))       # large enough to be split among a team
     x = torch.randn(5, 576)
-    one, team = on_one_core_and_in_a_team(lambda: layer(x))
+    one, team = one_core_and_team(lambda: layer(x))
     assert torch.equal(one, team)
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from personamix.backends.cpu_attention import attend, attention_problem, rows_of
-from personamix.testing import on_one_core_and_in_a_team
 
 PROBLEM = attention_problem(torch.float32, torch.device("cpu"), 64)
 # CI builds the kernel (setup.py) on an x86-64 machine with AVX2: there a missing kernel fails
@@ -76,13 +75,13 @@ def test_large_scores_do_not_overflow():
 
 
 @needs_kernel
-def test_the_same_bits_on_one_thread_or_many():
+def test_the_same_bits_on_one_thread_or_many(one_core_and_team):
     """Each (row, KV head) is computed by one thread in one order, whatever the team."""
     k, v = pool(40, 3, 200, 64)
     segments = [(s, 150, 1 + s % 4) for s in range(40)]
     rows = rows_of(segments)
     q = torch.randn(9, rows.rows, 64)
-    one, team = on_one_core_and_in_a_team(lambda: attend(q, k, v, rows, 0.125))
+    one, team = one_core_and_team(lambda: attend(q, k, v, rows, 0.125))
     assert torch.equal(one, team)
 
 

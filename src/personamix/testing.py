@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,27 +16,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h"]
-
-
-def on_one_core_and_in_a_team(f: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """f() in a fresh thread put on one core (omp.use_one_thread, as a generation thread is), then
-    in that thread inside a team of 2 (omp.team, as a forward runs): a kernel that splits its
-    work among threads should give the same bits both ways."""
-    from .backends import omp
-
-    out = {}
-
-    def worker():
-        omp.use_one_thread()
-        with torch.inference_mode():
-            out["one"] = f()
-            with omp.team(2):
-                out["team"] = f()
-
-    t = threading.Thread(target=worker)
-    t.start()
-    t.join()
-    return out["one"], out["team"]
 
 
 def tiny_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
