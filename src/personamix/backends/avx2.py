@@ -49,18 +49,23 @@ def kernel_library(stem: str) -> ctypes.CDLL | str:
         return f"the AVX2 kernel {stem} does not load: {first_line(e)}"
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The linear-layer kernel's library, or why it cannot be used."""
-    lib = kernel_library("_avx2_linear")
+def bind(stem: str, **signatures: list) -> ctypes.CDLL | str:
+    """kernel_library(stem) with each named function's argument types set, or why it cannot be used."""
+    lib = kernel_library(stem)
     if isinstance(lib, str):
         return lib
     try:
-        lib.pml_pack.argtypes = [_P, _I, _I, _P]
-        lib.pml_linear.argtypes = [_P, _I, _I, _P, _P, _I, _P]
+        for name, argtypes in signatures.items():
+            getattr(lib, name).argtypes = argtypes
     except AttributeError as e:
-        return f"the AVX2 kernel does not load: {first_line(e)}"
+        return f"the AVX2 kernel {stem} does not load: {first_line(e)}"
     return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The linear-layer kernel's library, or why it cannot be used."""
+    return bind("_avx2_linear", pml_pack=[_P, _I, _I, _P], pml_linear=[_P, _I, _I, _P, _P, _I, _P])
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -19,17 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .avx2 import kernel_library
+from .avx2 import bind
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | str:
-    lib = kernel_library("_avx2_attention")
-    if not isinstance(lib, str):
-        lib.pml_attention.argtypes = [_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, ctypes.c_float, _P]
-    return lib
+    """The attention kernel's library, or why it cannot be used."""
+    return bind("_avx2_attention",
+                pml_attention=[_P, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, ctypes.c_float, _P])
 
 
 def attention_problem(dtype: torch.dtype, device: torch.device, head_dim: int) -> str | None:
