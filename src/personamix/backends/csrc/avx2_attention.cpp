@@ -11,8 +11,10 @@
 // length only (no padding to the longest row, no gather of the slots, no mask tensor), a varlen
 // kernel in the sense of FlashAttention's. Rows come in segments: the consecutive rows of one slot
 // (a call's row: T new tokens), which share its keys. Work items are (segment, KV head): its T x g
-// query vectors read the item's keys and values once from memory (then from cache). At a
-// decoding step the pool is read from memory once, which is what bounds it (docs/batching.md).
+// query vectors read the item's keys and values once from memory (then from cache), one query
+// vector at a time. That arithmetic (16 FMAs per query vector and key), not the memory's
+// bandwidth, bounds it on a 2-core Zen 3: sharing each key's loads among an item's query
+// vectors is the next step (docs/batching.md).
 //
 // Softmax in two passes over the item's scores (exact max, then e^(s - max) / sum), exp by Cephes'
 // polynomial for expf (as in avx_mathfun; relative error about 1e-7), so the result equals
