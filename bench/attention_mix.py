@@ -66,6 +66,7 @@ def main() -> None:
     gen = Generator.from_pretrained(DEFAULT_MODEL, adapters=random_adapters(DEFAULT_MODEL, NAMES), backend="batched",
                                     device="cpu")
     default = batching.CPU_ATTENTION
+    gen.backend.pool.fill = 0.0        # (idle: no tensors yet) zeroed: the grouped and sdpa paths read masked positions
     problem = attention_problem(torch.float32, torch.device("cpu"), 64)
     modes = (["kernel"] if problem is None else []) + ["grouped", "sdpa"]
     others = [m for m in modes if m != "grouped"]     # each as a speed-up over grouped (the default before the kernel)

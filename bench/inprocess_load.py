@@ -8,9 +8,11 @@ Prints per level: tokens/s, forwards, ms per forward, row-tokens per forward, th
 level in forwards and in the gather wait, the process's context switches and minor page faults per
 forward, the cores it kept busy, and the turns' lengths (median / p90 / p99, their sum).
 `--model-forward` runs packed forwards through the model's own forward instead of decoder.py
-(the A/B of that change in one tree).
+(the A/B of that change in one tree). `--pools zeroed unfilled` runs every level once per KV pool
+fill in turn (cache.KVPool.fill: zeroed, or left uninitialised as the backend does where the CPU
+attention kernel runs), the A/B of that change alternating in one process.
 
-    python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--model-forward]
+    python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--model-forward] [--pools zeroed unfilled]
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def request(gen: Generator, i: int, seed: int) -> int:
     return len(stream.token_ids)
 
 
-def level(gen: Generator, clients: int, per_client: int, first: int) -> str:
+def level(gen: Generator, clients: int, per_client: int, first: int, pool: str) -> str:
     b = gen.backend
     turns = b.turns if isinstance(b.turns, TimedTurns) else None
     held0 = len(turns.held) if turns else 0
@@ -77,7 +79,8 @@ def level(gen: Generator, clients: int, per_client: int, first: int) -> str:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     n = max(b.forwards - f0, 1)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    line = (f"| {clients} | {sum(tokens) / wall:.1f} | {b.forwards - f0} | {1000 * (b.busy_s - busy0) / n:.1f} "
+    line = (f"| {clients} | {pool} | {sum(tokens) / wall:.1f} | {b.forwards - f0} "
+            f"| {1000 * (b.busy_s - busy0) / n:.1f} "
             f"| {(b.row_tokens - rows0) / n:.1f} | {(b.busy_s - busy0) / wall:.0%} / {(b.waited_s - wait0) / wall:.0%} "
             f"| {(r1.ru_nvcsw - r0.ru_nvcsw) / n:.0f} / {(r1.ru_nivcsw - r0.ru_nivcsw) / n:.0f} "
             f"| {(r1.ru_minflt - r0.ru_minflt) / n:.0f} | {cpu / wall:.2f} |")
@@ -96,6 +99,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--model-forward", action="store_true",
                     help="packed forwards through the model's own forward, not decoder.py")
+    ap.add_argument("--pools", nargs="+", choices=["default", "zeroed", "unfilled"], default=["default"],
+                    help="run each level once per KV pool fill, in turn (default: the backend's own)")
     a = ap.parse_args()
     quiet()
     gen = Generator.from_pretrained(adapters="mbti", backend="batched")
@@ -110,13 +115,15 @@ def main() -> None:
     warm.join()                                  # every prompt cached, as in the load test's warm-up
     print(f"batched backend, packed forwards through {'decoder.py' if b.decoder else 'the model'}; "
           f"{a.requests} requests per client, {os.cpu_count()} CPU cores")
-    print("| clients | tok/s | forwards | ms per forward | row-tokens per forward | in forwards / waiting "
+    print("| clients | pool | tok/s | forwards | ms per forward | row-tokens per forward | in forwards / waiting "
           "| context switches per forward (vol. / invol.) | minor faults per forward | cores busy "
-          "| turns: median / p90 / p99, sum |\n|---|---|---|---|---|---|---|---|---|---|")
-    first = 1000
+          "| turns: median / p90 / p99, sum |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    first, own = 1000, b.pool.fill
     for clients in a.clients:
-        print(level(gen, clients, a.requests, first), flush=True)
-        first += clients * a.requests
+        for pool in a.pools:
+            b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # idle between levels: no tensors
+            print(level(gen, clients, a.requests, first, pool), flush=True)
+            first += clients * a.requests
 
 
 if __name__ == "__main__":

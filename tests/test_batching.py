@@ -12,6 +12,7 @@ from personamix import Generator, PersonamixError
 from personamix.backends import batching, omp
 from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, _Batch, check_batchable
 from personamix.backends.cache import KVPool, PreallocatedCache, SlabCache
+from personamix.backends.cpu_attention import attention_problem
 from personamix.backends.prefix_cache import PrefixCache
 from personamix.engine.session import Session
 from personamix.testing import save_lora, save_tiny
@@ -67,6 +68,9 @@ def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, i
     monkeypatch.setattr(batching, "CPU_ATTENTION", attention)   # sdpa: what a GPU runs
     batched, fast = pair
     b = batched.backend
+    # what no row wrote is NaN for the kernel (it must read only what its rows wrote: the backend
+    # leaves its pool uninitialised), zeros for the others (they read masked positions)
+    monkeypatch.setattr(b, "pool", KVPool(fill=float("nan") if attention == "kernel" else 0.0))
     plans = [("all", ("E", "N", "T"), 3, 1), ("ref", (), 5, 1), ("prefs", ("T", "E"), 2, 4),
              ("all", ("N",), 6, 3), ("prefs", ("E", "N", "T"), 4, 2), ("ref", (), 1, 4),
              ("all", ("E", "T"), 2, 12)]            # a long call (a prompt): attends on its own
@@ -94,6 +98,39 @@ def test_one_forward_over_calls_of_different_groups_lengths_and_adapters(pair, i
         assert torch.allclose(call.logits, want, atol=1e-5)
         after, _ = b.forward(group, torch.tensor([2]), call.cache, 1, names)    # the cache holds SEQ[:end]
         assert torch.allclose(after, alone.logits(group, SEQ[:end] + [2]), atol=1e-5)
+
+
+KERNEL_PROBLEM = (f"PERSONAMIX_CPU_ATTENTION={batching.CPU_ATTENTION}" if batching.CPU_ATTENTION != "kernel"
+                  else attention_problem(torch.float32, torch.device("cpu"), 8))
+
+
+@pytest.mark.skipif(KERNEL_PROBLEM is not None and not os.environ.get("PERSONAMIX_REQUIRE_AVX2_KERNEL"),
+                    reason=f"the CPU attention kernel does not run here: {KERNEL_PROBLEM}")
+def test_an_uninitialised_pool_is_left_so_only_where_the_kernel_attends(pair, monkeypatch):
+    """The backend leaves its pool unzeroed only when its short calls attend in the CPU kernel;
+    a path that reads masked positions refuses such a pool by name, and over NaN where no row
+    wrote (what uninitialised memory may hold) it would give NaN: the zeros are needed there."""
+    batched, _ = pair
+    b = batched.backend
+    assert b.pool.fill is None and batching.uses_attention_kernel(b.model)
+    monkeypatch.setattr(batching, "CPU_ATTENTION", "grouped")
+
+    def two_calls():
+        calls = []
+        for prefix, new in ((5, 1), (2, 3)):
+            cache = b.new_cache("all", ("E", "N"))
+            b.forward("all", torch.tensor(SEQ[:prefix]), cache, 1, ("E", "N"))
+            calls.append(b.call("all", torch.tensor(SEQ[prefix: prefix + new]), cache, new, ("E", "N")))
+        b.run(calls)
+        return calls
+
+    monkeypatch.setattr(b, "pool", KVPool(fill=None))
+    calls = two_calls()
+    assert all(isinstance(c.error, PersonamixError) and "fill=None" in str(c.error) for c in calls)
+    monkeypatch.setattr(b, "pool", KVPool(fill=float("nan")))
+    assert any(c.logits.isnan().any() for c in two_calls())
+    monkeypatch.setattr(b, "pool", KVPool(fill=0.0))
+    assert all(c.logits.isfinite().all() for c in two_calls())
 
 
 @pytest.mark.parametrize("names", [("N",), ("T", "E")], ids=["gathered", "padded"])
@@ -256,12 +293,27 @@ def test_the_pool_starts_zeroed_grows_keeping_its_content_and_reuses_freed_slots
     pool.ensure(0, 5, 9, like)                               # more slots and positions
     assert pool.k[0].shape == (8, 2, 9, 3) and (pool.k[0][1, :, :4] == 7).all()
     assert (pool.k[0][2:] == 0).all() and (pool.k[0][:, :, 4:] == 0).all()
+    pool.ensure(0, 5, 20, like)                              # more positions again: what was written is kept
+    assert pool.k[0].shape == (8, 2, 20, 3) and (pool.k[0][1, :, :4] == 7).all() and (pool.k[0][:, :, 4:] == 0).all()
     a, b = SlabCache(pool, 2), SlabCache(pool, 3)
     assert (a.start, b.start) == (0, 2)
     start = a.start
     del a
     gc.collect()
     assert SlabCache(pool, 2).start == start                 # a finished generation's slots are reused
+
+
+def test_an_unfilled_pool_grows_copying_only_the_positions_written_so_far():
+    pool = KVPool(slots=2, capacity=4, fill=float("nan"))     # NaN: stands for uninitialised memory (fill=None)
+    like = torch.randn(1, 2, 1, 3)
+    pool.ensure(0, 2, 3, like)                                # 3 positions of slots 0 and 1 about to be written
+    pool.k[0][:, :, :3] = 1.0
+    pool.ensure(0, 3, 6, like)
+    assert pool.k[0].shape == (4, 2, 8, 3)
+    assert (pool.k[0][:2, :, :3] == 1).all() and pool.k[0][:, :, 3:].isnan().all() and pool.k[0][2:].isnan().all()
+    pool.k[0][:, :, 3:6] = 2.0
+    pool.ensure(0, 9, 6, like)                                # slots only: positions up to 6 are copied
+    assert (pool.k[0][:4, :, 3:6] == 2).all() and pool.k[0][:, :, 6:].isnan().all()
 
 
 def test_a_finished_generation_gives_its_slots_back_at_once_and_an_idle_pool_holds_nothing(pair):

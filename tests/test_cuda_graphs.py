@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from personamix import Generator
-from personamix.backends.batching import SHORT, BatchingBackend
-from personamix.backends.cuda_graphs import SCRATCH, Shape, bucket
+from personamix.backends.batching import SHORT, BatchingBackend, uses_attention_kernel
+from personamix.backends.cache import KVPool
+from personamix.backends.cuda_graphs import SCRATCH, Shape, StaticSteps, bucket
 from personamix.engine.session import Session
 from personamix.testing import save_lora, save_tiny
 
@@ -41,6 +42,10 @@ def test_graphs_are_on_where_cuda_is_and_reserve_the_scratch_slot(tiny):
     assert plain.graphs is None                      # CPU: off unless asked for
     b = static_backend(base, adapters)
     assert b.graphs is not None and not b.graphs.capture     # asked for on CPU: padded steps, no capture
+    # padded steps read positions no row wrote: the pool is zeroed (the plain CPU one need not be)
+    assert b.pool.fill == 0.0 and plain.pool.fill == (None if uses_attention_kernel(plain.model) else 0.0)
+    with pytest.raises(ValueError, match="must be filled"):
+        StaticSteps(b.model, KVPool(fill=None), b.lora.rows, 3, False, SHORT)
     assert b.pool.booked == SCRATCH + 1
     cache = b.new_cache("all", ("E",))
     assert cache.start == SCRATCH + 1

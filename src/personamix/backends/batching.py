@@ -280,6 +280,15 @@ def head_dim(model: PreTrainedModel) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def uses_attention_kernel(model: PreTrainedModel) -> bool:
+    """Whether packed forwards of `model` run their short calls' attention in cpu_attention's
+    kernel (CPU_ATTENTION "kernel", and nothing in attention_problem): then attention reads only
+    positions its rows wrote, and the pool need not be zeroed (KVPool.fill)."""
+    dev = next(model.parameters()).device
+    return (dev.type == "cpu" and CPU_ATTENTION == "kernel"
+            and attention_problem(model.dtype, dev, head_dim(model)) is None)
+
+
 def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool,
                   decoder: PackedDecoder | None = None) -> None:
     """One forward of the model over the rows of all `calls`, packed into one sequence (each
@@ -289,8 +298,12 @@ def forward_calls(model: PreTrainedModel, calls: list[Call], pool: KVPool,
     and the LoRA row state (if any) set by the caller (see token_adapters). `decoder`: the
     decoder's forward as a plain function (decoder.py; None: the model's own)."""
     dev = next(model.parameters()).device
-    batch = _Batch(calls, pool, dev, kernel=dev.type == "cpu" and CPU_ATTENTION == "kernel"
-                   and attention_problem(model.dtype, dev, head_dim(model)) is None)
+    kernel = uses_attention_kernel(model)
+    if pool.fill is None and not kernel:
+        raise PersonamixError(f"a KV pool left uninitialised (fill=None) is read by the CPU attention kernel only; "
+                              f"this forward's short calls attend by {CPU_ATTENTION!r} on {dev.type}, which reads "
+                              "positions no row wrote")
+    batch = _Batch(calls, pool, dev, kernel=kernel)
     ids, keep, o = [], [], 0
     for c, t in zip(calls, batch.lens):
         rows = len(c.adapters)
@@ -454,7 +467,11 @@ class BatchingBackend(Backend):
         self.max_length, self.device, self.dtype = self.lora.max_length, self.lora.device, self.lora.dtype
         self.packed_linears, self.linear_kernel = self.lora.packed_linears, self.lora.linear_kernel
         model.set_attn_implementation(ATTENTION)
-        self.pool = KVPool()                   # every generation's keys and values (cache.KVPool)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        # every generation's keys and values (cache.KVPool); not zeroed where only what was written is
+        # read (not so in CUDA graphs' padded steps)
+        self.pool = KVPool(fill=None if uses_attention_kernel(model) and not cuda_graphs else 0.0)
         self.decoder = self._packed_decoder() if plain_decoder else None
         omp.release_team()                     # the probe's forwards gave this thread a team: one at a time
         self._queue: list[Call] = []           # calls waiting for the next forward
@@ -471,8 +488,6 @@ class BatchingBackend(Backend):
         self._away: set[int] = set()           # threads served by the last forward that have not queued since
         self._forward_s = 0.0                  # a forward's recent duration (moving average)
         self.turns = Turns() if (self.device.type == "cpu" if take_turns is None else take_turns) else None
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
         self.graphs = (StaticSteps(model, self.pool, self.lora.rows, len(self.names), self.device.type == "cuda",
                                    SHORT) if cuda_graphs else None)
 

@@ -82,15 +82,25 @@ class KVPool:
     then read one region of one tensor (batching.py) instead of one tensor per call; rolling
     back is a length change; a cache that is garbage-collected gives its slots back.
 
-    Tensors are made on first use and grow (doubling; the content is copied) when a forward needs
-    more slots or positions; `reserve` only books slot numbers, so it is safe from any thread,
-    while `ensure` (which may reallocate) runs only inside a forward, which the owner serialises.
+    Tensors are made on first use and grow (doubling; what was written is copied) when a forward
+    needs more slots or positions; `reserve` only books slot numbers, so it is safe from any
+    thread, while `ensure` (which may reallocate) runs only inside a forward, which the owner
+    serialises.
+
+    `fill`: what positions no row has written hold. 0.0 where attention reads such positions
+    under a mask (a region of slots, padded steps: uninitialised memory can hold NaN, which a mask
+    does not cancel, NaN * 0 = NaN); None (left uninitialised: no zeroing, and only the pages
+    written are ever touched) where every read stays within what its row wrote (the CPU attention
+    kernel, cpu_attention.py). Tests fill NaN to prove a path reads only what was written. It may
+    be changed while no slot is booked (the pool holds no tensors then).
     """
 
-    def __init__(self, slots: int = 16, capacity: int = 256):
+    def __init__(self, slots: int = 16, capacity: int = 256, fill: float | None = 0.0):
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
         self.slots, self.capacity = slots, capacity     # the tensors' size (once made)
+        self.fill = fill
+        self._high = 0                                  # positions [high, capacity) hold `fill` in every slot
         self._initial = (slots, capacity)
         self._used: list[bool] = []                     # booked slot numbers (may exceed `slots`)
         self._lock = threading.Lock()
@@ -137,6 +147,7 @@ class KVPool:
             self._used.clear()
             self.k, self.v = [], []
             self.slots, self.capacity = self._initial
+            self._high = 0
 
     @property
     def booked(self) -> int:
@@ -160,14 +171,17 @@ class KVPool:
             self.slots, self.capacity = new_slots, new_cap
         if self.k[layer] is None:
             shape = (self.slots, like.shape[1], self.capacity, like.shape[3])
-            # zeros, not empty: attention over a region reads (masked) positions no row has written,
-            # and uninitialised memory can hold NaN, which a mask does not cancel (NaN * 0 = NaN)
-            self.k[layer] = like.new_zeros(shape)
-            self.v[layer] = like.new_zeros(shape)
+            self.k[layer], self.v[layer] = self._new(like, shape), self._new(like, shape)
+        self._high = max(self._high, length)
+
+    def _new(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return like.new_empty(shape) if self.fill is None else like.new_full(shape, self.fill)
 
     def _grown(self, t: torch.Tensor, slots: int, capacity: int) -> torch.Tensor:
-        out = t.new_zeros(slots, t.shape[1], capacity, t.shape[3])
-        out[: t.shape[0], :, : t.shape[2]] = t
+        """t in a larger tensor: only the positions written so far are copied (in a fresh pool of
+        a long-lived server, a fraction of the old tensor)."""
+        out = self._new(t, (slots, t.shape[1], capacity, t.shape[3]))
+        out[: t.shape[0], :, : self._high] = t[:, :, : self._high]
         return out
 
 

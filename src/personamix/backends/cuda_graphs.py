@@ -180,6 +180,9 @@ class StaticSteps:
         self.model, self.pool, self.rows, self.n_adapters = model, pool, rows, n_adapters
         self.capture, self.short = capture, short
         self.layers = model.config.get_text_config().num_hidden_layers
+        if pool.fill is None:
+            raise ValueError("StaticSteps: padded steps read positions no row wrote; the pool must be filled "
+                             "(KVPool.fill)")
         scratch = pool.reserve(1)                  # never released: the pool keeps its tensors from then on
         if scratch != SCRATCH:
             raise RuntimeError(f"StaticSteps needs the pool's first slot, got {scratch}")
