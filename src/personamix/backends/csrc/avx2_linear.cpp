@@ -27,6 +27,7 @@ constexpr int MB = 6;   // rows per block of x (12 accumulators + 2 weights + 1 
 
 // row m of the tile (compiled in only for the MR rows a block has): x[m, k] times the panel's
 // 16 weights at k into its two accumulators; at the end, written to the ncols columns that exist
+// (masked stores only in a panel cut short: on AMD Zen a masked store costs many plain ones)
 #define FMA_ROW(m)                                                      \
     if constexpr (MR > m) {                                             \
         const __m256 xm = _mm256_broadcast_ss(xb + k * MB + m);         \
@@ -35,8 +36,13 @@ constexpr int MB = 6;   // rows per block of x (12 accumulators + 2 weights + 1 
     }
 #define STORE_ROW(m)                                                    \
     if constexpr (MR > m) {                                             \
-        _mm256_maskstore_ps(y + m * ldy, lo, c##m##0);                  \
-        _mm256_maskstore_ps(y + m * ldy + 8, hi, c##m##1);              \
+        if (ncols == NR) {                                              \
+            _mm256_storeu_ps(y + m * ldy, c##m##0);                     \
+            _mm256_storeu_ps(y + m * ldy + 8, c##m##1);                 \
+        } else {                                                        \
+            _mm256_maskstore_ps(y + m * ldy, lo, c##m##0);              \
+            _mm256_maskstore_ps(y + m * ldy + 8, hi, c##m##1);          \
+        }                                                               \
     }
 
 template <int MR>
@@ -92,7 +98,7 @@ void pml_linear(const float* x, int64_t M, int64_t K, const float* P, const floa
     thread_local std::vector<float> kept;
     std::vector<float> own;
     std::vector<float>& xs = blocks * K * MB <= KEEP ? kept : own;
-    xs.assign(blocks * K * MB, 0.f);
+    xs.resize(blocks * K * MB);   // no zeros: a last block of MR < MB rows is read by tile<MR>, its rows only
     for (int64_t b = 0; b < blocks; ++b)
         for (int m = 0; m < MB && b * MB + m < M; ++m)
             for (int64_t k = 0; k < K; ++k) xs[(b * K + k) * MB + m] = x[(b * MB + m) * K + k];
