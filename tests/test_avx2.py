@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from personamix import Generator, PersonamixError
 from personamix.backends import packing
@@ -55,14 +56,16 @@ def test_any_input_layout_and_no_rows():
 
 
 @needs_kernel
-def test_the_same_bits_on_one_thread_or_many(one_core_and_team):
+@pytest.mark.parametrize("rows", [5, 60], ids=["halves", "handed-out"])
+def test_the_same_bits_on_one_thread_or_many(one_core_and_team, rows):
     """Each output column is summed by one thread in one order, whatever the team: a generation
-    thread on one core (omp.use_one_thread) and inside a forward's team (omp.team) agree."""
+    thread on one core (omp.use_one_thread) and inside a forward's team (omp.team) agree, with
+    the panels split in equal halves (a decoding step's few rows) or handed out one at a time."""
     torch.manual_seed(0)
     layer = Avx2Linear(nn.Linear(576, 1536))       # large enough to be split among a team
-    x = torch.randn(5, 576)
+    x = torch.randn(rows, 576)
     one, team = one_core_and_team(lambda: layer(x))
-    assert torch.equal(one, team)
+    assert torch.equal(one, team) and torch.allclose(team, F.linear(x, layer.unpacked_weight(), layer.bias), atol=1e-4)
 
 
 @needs_kernel

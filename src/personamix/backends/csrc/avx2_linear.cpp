@@ -103,10 +103,7 @@ void pml_linear(const float* x, int64_t M, int64_t K, const float* P, const floa
         for (int m = 0; m < MB && b * MB + m < M; ++m)
             for (int64_t k = 0; k < K; ++k) xs[(b * K + k) * MB + m] = x[(b * MB + m) * K + k];
     const float* xp = xs.data();
-    // a team for any weight of more than 128 KB (streaming it takes longer than waking a thread);
-    // one thread below that
-#pragma omp parallel for schedule(static) if (panels * K * NR >= 32768)
-    for (int64_t i = 0; i < panels; ++i) {
+    auto panel = [&](int64_t i) {   // panel i (NR output columns) for every block of rows
         const float* p = P + i * K * NR;
         const int ncols = N - i * NR < NR ? static_cast<int>(N - i * NR) : NR;
         const float* bi = bias ? bias + i * NR : nullptr;
@@ -122,6 +119,20 @@ void pml_linear(const float* x, int64_t M, int64_t K, const float* P, const floa
                 default: tile<6>(xb, p, K, bi, yb, N, ncols); break;
             }
         }
+    };
+    // a team for any weight of more than 128 KB (streaming it takes longer than waking a thread);
+    // one thread below that. From 4 blocks of rows on, panels are handed out one at a time, not in
+    // equal halves: a thread that joins late (woken from sleep, preempted) then takes fewer,
+    // instead of the others waiting for it at the end (60-120 rows 1.05-1.10x); a decoding step's
+    // few rows keep equal halves, where a panel is too little work for the hand-out's cost
+    // (docs/bench/avx2_linear.md)
+    const bool team = panels * K * NR >= 32768;
+    if (blocks >= 4) {
+#pragma omp parallel for schedule(dynamic, 1) if (team)
+        for (int64_t i = 0; i < panels; ++i) panel(i);
+    } else {
+#pragma omp parallel for schedule(static) if (team)
+        for (int64_t i = 0; i < panels; ++i) panel(i);
     }
 }
 
