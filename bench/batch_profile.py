@@ -122,6 +122,7 @@ def main() -> None:
     graphs = gen.backend.graphs
     if a.graphs and graphs is None:   # off CUDA: the same padded steps, run eagerly (no capture)
         b = gen.backend
+        b.pool.fill = 0.0    # (idle) padded steps read positions no row wrote (KVPool.fill)
         graphs = b.graphs = StaticSteps(b.model, b.pool, b.lora.rows, len(b.names), False, SHORT)
     for c in a.calls:
         gen.backend.graphs = None                          # eager first: the table's main columns

@@ -120,6 +120,7 @@ def test_static_decoding_steps_equal_the_packed_forward_on_the_shipped_adapters(
 
     gen = Generator.from_pretrained(DEFAULT_MODEL, adapters="mbti", backend="batched", device="cpu")
     b = gen.backend
+    b.pool.fill = 0.0        # (idle) padded steps read positions no row wrote: zeros, as a cuda_graphs backend has
     graphs = b.graphs = StaticSteps(b.model, b.pool, b.lora.rows, len(b.names), False, SHORT)
     personas = [("E", "N", "T", "J"), ("I", "S", "F", "P"), ("I", "N", "F", "J"), ("E", "S", "T", "P")]
     prompts = [gen.encode(p) for p in ("How do you plan a trip?", "Describe your Saturday.")]
