@@ -1,8 +1,9 @@
 """The compiled parts of personamix: the AVX2 kernels for linear layers (backends/csrc/avx2_linear.cpp,
-loaded with ctypes by backends/avx2.py) and for the batched backend's attention (avx2_attention.cpp,
-backends/cpu_attention.py), for x86-64 Linux with GCC or Clang. Optional: where they cannot be
-built, the install goes on without them (CPU linear layers then use oneDNN, attention PyTorch's
-matmuls). Everything else is in pyproject.toml."""
+loaded with ctypes by backends/avx2.py), for the batched backend's attention (avx2_attention.cpp,
+backends/cpu_attention.py) and for multi-LoRA deltas (avx2_lora.cpp, backends/cpu_lora.py), for
+x86-64 Linux with GCC or Clang. Optional: where they cannot be built, the install goes on without
+them (CPU linear layers then use oneDNN, attention and LoRA deltas PyTorch's matmuls). Everything
+else is in pyproject.toml."""
 import platform
 import sys
 
@@ -13,6 +14,6 @@ if sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64",
     extensions += [Extension(
         f"personamix.backends._avx2_{name}", [f"src/personamix/backends/csrc/avx2_{name}.cpp"], language="c++",
         extra_compile_args=["-std=c++17", "-O3", "-mavx2", "-mfma", "-fopenmp"], extra_link_args=["-fopenmp"],
-        optional=True) for name in ("linear", "attention")]
+        optional=True) for name in ("linear", "attention", "lora")]
 
 setup(ext_modules=extensions)

@@ -1,4 +1,6 @@
 """The fast batched multi-LoRA path against PEFT (the reference implementation)."""
+import os
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -6,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from personamix import Generator, PersonamixError
+from personamix.backends import cpu_lora
 from personamix.backends.avx2 import Avx2Linear
 from personamix.backends.multilora import UnsupportedAdapter
 from personamix.backends.onednn import PackedLinear
@@ -49,11 +52,18 @@ def peft_logits(base, path, seq):
         return model(torch.tensor([seq])).logits[0]
 
 
+@pytest.mark.parametrize("lora", ["kernel", "torch"])
 @pytest.mark.parametrize("backend", ["fast", "batched"])
-def test_fast_path_equals_peft_for_mixed_ranks_targets_and_scalings(mixed, backend):
+def test_fast_path_equals_peft_for_mixed_ranks_targets_and_scalings(mixed, backend, lora, monkeypatch):
+    """Ranks 4, 8 and 16 (the CPU kernel pads them to 16 and fuses q/k/v to 48), with the deltas
+    on the CPU kernel (cpu_lora.py) or PyTorch's matmuls (PERSONAMIX_CPU_LORA=torch)."""
     base, adapters = mixed
+    monkeypatch.setattr(cpu_lora, "CPU_LORA", lora)
     gen = Generator.from_pretrained(base, adapters=adapters, backend=backend, device="cpu")
     assert gen.backend.kind == backend
+    rows = (gen.backend.lora if backend == "batched" else gen.backend).rows
+    if lora == "torch" or os.environ.get("PERSONAMIX_REQUIRE_AVX2_KERNEL"):
+        assert rows.kernel == (lora == "kernel")
     got = Session(gen.backend).logits("all", SEQ, len(SEQ))
     with torch.no_grad():
         ref = LlamaForCausalLM.from_pretrained(base).eval()(torch.tensor([SEQ])).logits[0]

@@ -9,7 +9,9 @@ The base matmul is shared by all rows; the low-rank deltas are two batched matmu
 adapters' stacked A [N, in, r] and B [N, r, out] (the idea of punica's BGMV / S-LoRA). The
 reference row gets no delta at all, so "ref" forwards cost a plain forward. Adapters with
 different ranks are zero-padded to the largest rank and an adapter that does not target a
-module has zero A/B there, both exact.
+module has zero A/B there, both exact. On x86 CPUs with AVX2 the deltas of all rows run in one
+kernel call per layer instead (cpu_lora.py: each adapter's positions read in place, unpadded;
+whole forwards of a busy server 1.04-1.12x, docs/bench/lora_mix.md).
 
 Which adapter each row of a forward uses is set on one shared `AdapterRows` object (a call's
 rows, or the packed positions of many calls for cross-request batching, batching.py).
@@ -34,6 +36,7 @@ from ..engine.session import Group
 from ..errors import PersonamixError, first_line
 from . import omp
 from .cache import PreallocatedCache
+from .cpu_lora import LoraWeights, Segments, add_deltas, lora_problem
 from .local import LocalBackend
 from .packing import linear_kernel, pack_linears
 
@@ -58,6 +61,9 @@ class AdapterRows:
     adapter's positions padded to G with `valid` [U*G, 1] = 0 on the padding. When at least half
     of the adapters take part, index is all of them (unused ones all padding), so the layers use
     the stacked A/B without gathering them (two fewer index ops per adapted linear and forward).
+    With `kernel` (set by `attach` where cpu_lora's kernel can run every layer), packed mode sets
+    `segments` (each adapter's positions, unpadded) instead of gather / valid, and call mode
+    builds them at the forward's first layer.
     """
 
     index: torch.Tensor | None = None
@@ -66,6 +72,8 @@ class AdapterRows:
     key: tuple[int, ...] = ()          # index as a tuple (the per-layer cache of gathered A/B)
     gather: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    kernel: bool = False
+    segments: Segments | None = None
 
     @contextmanager
     def call(self, start: int, adapters: Sequence[int], n_adapters: int, device) -> Iterator[None]:
@@ -78,6 +86,13 @@ class AdapterRows:
         finally:
             self.clear()
 
+    def call_segments(self, length: int) -> Segments:
+        """Call mode's segments for rows of `length` positions each (built at the forward's first layer)."""
+        if self.segments is None:
+            self.segments = Segments.of([(a, list(range((self.start + i) * length, (self.start + i + 1) * length)))
+                                         for i, a in enumerate(self.key)])
+        return self.segments
+
     @contextmanager
     def packed(self, adapters: Sequence[int], n_adapters: int, device, dtype) -> Iterator[None]:
         """Packed-sequence position i uses adapter adapters[i] (-1: none) during the block."""
@@ -89,10 +104,13 @@ class AdapterRows:
             for i, a in enumerate(adapters):
                 if a >= 0:
                     members[a].append(i)
-            g = max(len(m) for m in members.values())
             self.start, self.key = 0, tuple(used)
             self.all_in_order = used == list(range(n_adapters))
             self.index = torch.tensor(used, device=device)
+        if used and self.kernel:
+            self.segments = Segments.of(list(members.items()))
+        elif used:
+            g = max(len(m) for m in members.values())
             self.gather = torch.tensor([i for a in used for i in members[a] + [0] * (g - len(members[a]))],
                                        device=device)
             self.valid = torch.tensor([float(j < len(members[a])) for a in used for j in range(g)],
@@ -116,7 +134,7 @@ class AdapterRows:
             self.clear()
 
     def clear(self) -> None:
-        self.index = self.gather = self.valid = None
+        self.index = self.gather = self.valid = self.segments = None
 
 
 class MultiLoraLinear(nn.Module):
@@ -124,6 +142,14 @@ class MultiLoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.rows = rows
+        self.kernel = None
+        if rows.kernel:   # the CPU kernel's layout; A/B views of it (the same memory where no padding is needed)
+            problem = lora_problem(a, b)
+            if problem:
+                raise PersonamixError(f"a layer of {tuple(a.shape)} x {tuple(b.shape)} cannot run on the LoRA "
+                                      f"kernel its row state uses: {problem}")
+            self.kernel = LoraWeights.of(a, b)
+            a, b = self.kernel.a[:, :, :a.shape[2]], self.kernel.b[:, :b.shape[1]]
         self.register_buffer("lora_a", a, persistent=False)   # [N, in, r]
         self.register_buffer("lora_b", b, persistent=False)   # [N, r, out], scale folded in
         self._subsets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}   # gathered A/B per subset
@@ -132,6 +158,9 @@ class MultiLoraLinear(nn.Module):
         y = self.base(x)
         rows = self.rows
         if rows.index is None:
+            return y
+        if rows.kernel:   # every position's delta in one kernel call (cpu_lora.py)
+            add_deltas(x, y, self.kernel, rows.segments or rows.call_segments(x.shape[-2]))
             return y
         if rows.all_in_order:
             a, b = self.lora_a, self.lora_b
@@ -234,7 +263,9 @@ def attach(model: PreTrainedModel, adapters: dict[str, str]) -> AdapterRows:
                                       f"is {base.in_features} -> {base.out_features}")
             a_all[i, :, :r] = a.T.to(p)
             b_all[i, :r, :] = (b.T * scale).to(p)
-        wrapped.append((module, MultiLoraLinear(base, rows, a_all, b_all)))
+        wrapped.append((module, base, a_all, b_all))
+    rows.kernel = all(lora_problem(a, b) is None for _, _, a, b in wrapped)
+    wrapped = [(module, MultiLoraLinear(base, rows, a, b)) for module, base, a, b in wrapped]
     for module, layer in wrapped:   # only once every adapter has been checked: a failure leaves the model as it was
         parent_name, _, child = module.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, child, layer)
