@@ -3,10 +3,13 @@ timed side by side on forwards of the mix a busy server packs (at 16 clients, re
 one-token reference draft calls and ~2 SCR chunk calls of 4 adapter rows x 4 tokens per forward),
 at several context lengths: the AVX2 kernel (cpu_attention.py, the default where it runs), two
 batched matmuls with the query heads of each KV head stacked over padded queries and a mask
-(`_Batch._grouped_attention`) and SDPA with a mask.
+(`_Batch._grouped_attention`) and SDPA with a mask. `--compare lora` times the same forwards
+with their LoRA deltas on the CPU kernel (cpu_lora.py, the default where it runs) and on
+PyTorch's matmuls instead. Eight random adapters, the four of a chunk call's rows one pole of
+each MBTI axis (as the server's personas), so a forward's chunks use all eight.
 
     python bench/attention_mix.py [--mix 8,2 16,4] [--contexts 45 200 500] [--steps 20]
-                                  [--out docs/bench/attention_mix.md]
+                                  [--compare attention|lora] [--out docs/bench/attention_mix.md]
 """
 from __future__ import annotations
 
@@ -26,15 +29,21 @@ from personamix.backends.cpu_attention import attention_problem
 from personamix.cli.common import quiet
 from personamix.loading import DEFAULT_MODEL, random_adapters
 
-NAMES = ["A", "B", "C", "D"]
+AXES = ["EI", "NS", "TF", "JP"]
+NAMES = [pole for axis in AXES for pole in axis]
+
+
+def persona(i: int) -> list[str]:
+    """The adapters of the i-th call's rows: one pole of each axis (i's bits)."""
+    return [axis[(i >> bit) & 1] for bit, axis in enumerate(AXES)]
 
 
 def prefilled(gen: Generator, group: str, n: int, ctx: int) -> list:
     b, out = gen.backend, []
     for i in range(n):
-        cache = b.new_cache(group, NAMES)
+        cache = b.new_cache(group, persona(i))
         ids = [1000 + (7 * (i + j)) % 30000 for j in range(ctx + 3 * i % 20)]   # contexts of different lengths
-        b.forward(group, torch.tensor(ids), cache, 1, NAMES)
+        b.forward(group, torch.tensor(ids), cache, 1, persona(i))
         out.append(cache)
     return out
 
@@ -43,8 +52,8 @@ def one_forward(gen: Generator, drafts: list, chunks: list, t: int) -> float:
     """One packed forward: a one-token call per draft cache, a 4-token call per chunk cache;
     rolled back afterwards so every forward sees the same contexts."""
     b = gen.backend
-    calls = [b.call("ref", torch.tensor([5 + t]), c, 1, NAMES) for c in drafts]
-    calls += [b.call("prefs", torch.tensor([5 + t, 6, 7, 8]), c, 4, NAMES) for c in chunks]
+    calls = [b.call("ref", torch.tensor([5 + t]), c, 1, persona(i)) for i, c in enumerate(drafts)]
+    calls += [b.call("prefs", torch.tensor([5 + t, 6, 7, 8]), c, 4, persona(i)) for i, c in enumerate(chunks)]
     start = time.perf_counter()
     b.run(calls)
     took = time.perf_counter() - start
@@ -60,6 +69,8 @@ def main() -> None:
     ap.add_argument("--mix", nargs="+", default=["8,2", "16,4"], help="draft calls,chunk calls per forward")
     ap.add_argument("--contexts", type=int, nargs="+", default=[45, 200, 500])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--compare", choices=["attention", "lora"], default="attention",
+                    help="the short calls' attention paths, or the LoRA deltas' (kernel, torch)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     quiet()
@@ -67,11 +78,22 @@ def main() -> None:
                                     device="cpu")
     default = batching.CPU_ATTENTION
     gen.backend.pool.fill = 0.0        # (idle: no tensors yet) zeroed: the grouped and sdpa paths read masked positions
-    problem = attention_problem(torch.float32, torch.device("cpu"), 64)
-    modes = (["kernel"] if problem is None else []) + ["grouped", "sdpa"]
-    others = [m for m in modes if m != "grouped"]     # each as a speed-up over grouped (the default before the kernel)
+    rows_state = gen.backend.lora.rows
+    if a.compare == "lora":
+        problem = None if rows_state.kernel else "the backend was built without it"
+        modes, base_mode = (["kernel"] if problem is None else []) + ["torch"], "torch"
+
+        def use(mode: str) -> None:
+            rows_state.kernel = mode == "kernel"
+    else:
+        problem = attention_problem(torch.float32, torch.device("cpu"), 64)
+        modes, base_mode = (["kernel"] if problem is None else []) + ["grouped", "sdpa"], "grouped"
+
+        def use(mode: str) -> None:
+            batching.CPU_ATTENTION = mode
+    others = [m for m in modes if m != base_mode]     # each as a speed-up over the PyTorch path before the kernel
     if problem:
-        print(f"the attention kernel does not run here: {problem}")
+        print(f"the {a.compare} kernel does not run here: {problem}")
     rows = []
     for mix in a.mix:
         d, c = (int(x) for x in mix.split(","))
@@ -80,30 +102,34 @@ def main() -> None:
             times = {m: [] for m in modes}
             for t in range(a.steps + 2):
                 for m in modes:                               # alternating: all see the same machine state
-                    batching.CPU_ATTENTION = m
+                    use(m)
                     took = one_forward(gen, drafts, chunks, t)
                     if t >= 2:
                         times[m].append(took)
-            batching.CPU_ATTENTION = default
+            batching.CPU_ATTENTION, rows_state.kernel = default, "kernel" in modes
             for cache in drafts + chunks:
                 gen.backend.free_cache(cache)
             ms = {m: 1000 * statistics.median(times[m]) for m in modes}
             rows.append((d, c, ctx, ms))
             print(f"{d} drafts + {c} chunks, context {ctx}: " + ", ".join(f"{m} {ms[m]:.1f} ms" for m in modes),
                   flush=True)
-    info = (f"SmolLM2-135M-Instruct, batched backend, 4 random rank-8 LoRA adapters, fp32, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {cpu_name()}; median of {a.steps} forwards each, alternating")
+    info = (f"SmolLM2-135M-Instruct, batched backend, 8 random rank-8 LoRA adapters (4 per chunk call), fp32, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}; {a.compare} paths, "
+            f"median of {a.steps} forwards each, alternating")
     head = ["draft calls", "chunk calls (4 rows x 4 tokens)", "context"] + [f"{m} ms per forward" for m in modes]
-    head += [f"{m}: x grouped" for m in others]
+    head += [f"{m}: x {base_mode}" for m in others]
     table = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     table += [f"| {d} | {c} | {ctx} | " + " | ".join(f"{ms[m]:.1f}" for m in modes) + " | "
-              + " | ".join(f"{ms['grouped'] / ms[m]:.3f}" for m in others) + " |" for d, c, ctx, ms in rows]
+              + " | ".join(f"{ms[base_mode] / ms[m]:.3f}" for m in others) + " |" for d, c, ctx, ms in rows]
     print(info)
     print("\n".join(table))
     if a.out:
         with open(a.out, "w") as f:
-            f.write("# Short calls' attention on CPU: the AVX2 kernel, grouped matmuls and SDPA\n\n")
-            f.write(f"Command: `python bench/attention_mix.py --out {a.out}`\n\n{info}.\n\n" + "\n".join(table) + "\n")
+            title = {"attention": "Short calls' attention on CPU: the AVX2 kernel, grouped matmuls and SDPA",
+                     "lora": "LoRA deltas of a packed forward on CPU: the AVX2 kernel and PyTorch's matmuls"}[a.compare]
+            f.write(f"# {title}\n\n")
+            f.write(f"Command: `python bench/attention_mix.py --compare {a.compare} --out {a.out}`\n\n{info}.\n\n"
+                    + "\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

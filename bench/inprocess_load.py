@@ -10,9 +10,11 @@ forward, the cores it kept busy, and the turns' lengths (median / p90 / p99, the
 `--model-forward` runs packed forwards through the model's own forward instead of decoder.py
 (the A/B of that change in one tree). `--pools zeroed unfilled` runs every level once per KV pool
 fill in turn (cache.KVPool.fill: zeroed, or left uninitialised as the backend does where the CPU
-attention kernel runs), the A/B of that change alternating in one process.
+attention kernel runs), the A/B of that change alternating in one process; `--lora torch kernel`
+likewise switches the LoRA deltas between PyTorch's matmuls and the CPU kernel (cpu_lora.py).
 
     python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--model-forward] [--pools zeroed unfilled]
+                                   [--lora torch kernel]
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import torch
 from loadtest import PERSONAS, PROMPTS  # the load test's prompts and personas (this folder)
 
 from personamix import Generator
+from personamix.backends import cpu_lora
 from personamix.backends.turns import Turns
 from personamix.cli.common import quiet
 from personamix.engine.params import SamplingParams
@@ -101,6 +105,8 @@ def main() -> None:
                     help="packed forwards through the model's own forward, not decoder.py")
     ap.add_argument("--pools", nargs="+", choices=["default", "zeroed", "unfilled"], default=["default"],
                     help="run each level once per KV pool fill, in turn (default: the backend's own)")
+    ap.add_argument("--lora", nargs="+", choices=["default", "torch", "kernel"], default=["default"],
+                    help="run each level once per LoRA delta path, in turn (default: the backend's own)")
     a = ap.parse_args()
     quiet()
     gen = Generator.from_pretrained(adapters="mbti", backend="batched")
@@ -115,15 +121,20 @@ def main() -> None:
     warm.join()                                  # every prompt cached, as in the load test's warm-up
     print(f"batched backend, packed forwards through {'decoder.py' if b.decoder else 'the model'}; "
           f"{a.requests} requests per client, {os.cpu_count()} CPU cores")
-    print("| clients | pool | tok/s | forwards | ms per forward | row-tokens per forward | in forwards / waiting "
+    if "kernel" in a.lora and not b.lora.rows.kernel:
+        raise SystemExit("--lora kernel: this backend's LoRA deltas do not run on the CPU kernel "
+                         f"({cpu_lora.lora_problem(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))})")
+    print("| clients | pool, LoRA | tok/s | forwards | ms per forward | row-tokens per forward | in forwards / waiting "
           "| context switches per forward (vol. / invol.) | minor faults per forward | cores busy "
           "| turns: median / p90 / p99, sum |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    first, own = 1000, b.pool.fill
+    first, own, own_lora = 1000, b.pool.fill, b.lora.rows.kernel
     for clients in a.clients:
         for pool in a.pools:
-            b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # idle between levels: no tensors
-            print(level(gen, clients, a.requests, first, pool), flush=True)
-            first += clients * a.requests
+            for lora in a.lora:
+                b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # idle: no tensors
+                b.lora.rows.kernel = own_lora if lora == "default" else lora == "kernel"
+                print(level(gen, clients, a.requests, first, f"{pool}, {lora}"), flush=True)
+                first += clients * a.requests
 
 
 if __name__ == "__main__":
