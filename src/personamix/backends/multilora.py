@@ -63,7 +63,7 @@ class AdapterRows:
     the stacked A/B without gathering them (two fewer index ops per adapted linear and forward).
     With `kernel` (set by `attach` where cpu_lora's kernel can run every layer), packed mode sets
     `segments` (each adapter's positions, unpadded) instead of gather / valid, and call mode
-    builds them at the forward's first layer.
+    builds them at the forward's first layer; `fixed` mode's padded buffers keep PyTorch's path.
     """
 
     index: torch.Tensor | None = None
@@ -159,8 +159,8 @@ class MultiLoraLinear(nn.Module):
         rows = self.rows
         if rows.index is None:
             return y
-        if rows.kernel:   # every position's delta in one kernel call (cpu_lora.py)
-            add_deltas(x, y, self.kernel, rows.segments or rows.call_segments(x.shape[-2]))
+        if rows.kernel and rows.gather is None:   # every position's delta in one kernel call (cpu_lora.py);
+            add_deltas(x, y, self.kernel, rows.segments or rows.call_segments(x.shape[-2]))   # `fixed`: below
             return y
         if rows.all_in_order:
             a, b = self.lora_a, self.lora_b
