@@ -79,6 +79,7 @@ def main() -> None:
     default = batching.CPU_ATTENTION
     gen.backend.pool.fill = 0.0        # (idle: no tensors yet) zeroed: the grouped and sdpa paths read masked positions
     rows_state = gen.backend.lora.rows
+    own_lora = rows_state.kernel
     if a.compare == "lora":
         problem = None if rows_state.kernel else "the backend was built without it"
         modes, base_mode = (["kernel"] if problem is None else []) + ["torch"], "torch"
@@ -106,7 +107,7 @@ def main() -> None:
                     took = one_forward(gen, drafts, chunks, t)
                     if t >= 2:
                         times[m].append(took)
-            batching.CPU_ATTENTION, rows_state.kernel = default, "kernel" in modes
+            batching.CPU_ATTENTION, rows_state.kernel = default, own_lora
             for cache in drafts + chunks:
                 gen.backend.free_cache(cache)
             ms = {m: 1000 * statistics.median(times[m]) for m in modes}
