@@ -1,5 +1,6 @@
 """The packed forward's decoder as a plain function (decoder.py): the model's own forward, bit
-for bit, for the models it takes; the model's own forward for every other one."""
+for bit with PyTorch's pointwise ops (TorchOps; the AVX2 ones: test_cpu_pointwise.py), for the
+models it takes; the model's own forward for every other one."""
 import pytest
 import torch
 from transformers import (
@@ -15,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from personamix.backends.batching import ATTENTION, SHORT, BatchingBackend, Call, forward_calls, token_adapters
 from personamix.backends.cache import KVPool, SlabCache
-from personamix.backends.decoder import packed_decoder
+from personamix.backends.decoder import TorchOps, packed_decoder
 from personamix.testing import save_lora, save_tiny, tiny_model
 
 SEQ = [0, 3, 1, 4, 2, 2, 0, 1, 3, 4, 4, 1, 0, 2, 3, 1, 0, 4, 2, 1]
@@ -28,6 +29,17 @@ def adapters(tmp_path_factory):
     root = tmp_path_factory.mktemp("decoder")
     base = save_tiny(root / "base", vocab=5, layers=2, hidden=32)
     return str(base), {name: save_lora(base, root / name, seed=i) for i, name in enumerate("ENT")}
+
+
+def varied_norms(model):
+    """The model with every norm's weight its own (they start as ones: a norm read from the wrong
+    layer would compute the same)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.mul_(torch.rand(p.shape, generator=g) + 0.5)
+    return model
 
 
 def packed_logits(model_or_backend, decoder, plans) -> list[torch.Tensor]:
@@ -56,8 +68,9 @@ def test_fused_lora_decoder_is_the_models_forward_bit_for_bit(adapters):
     the reference and of adapter subsets, one-token, chunk and prompt-long, over cached prefixes:
     the same logits, to the last bit, as the model's own forward."""
     base, paths = adapters
-    backend = BatchingBackend(LlamaForCausalLM.from_pretrained(base).eval(), paths)
+    backend = BatchingBackend(varied_norms(LlamaForCausalLM.from_pretrained(base).eval()), paths)
     assert backend.decoder is not None                        # the batched backend uses it
+    backend.decoder.ops = TorchOps     # transformers' ops (on CPU the backend runs AVX2 kernels: test_cpu_pointwise)
     plans = [([-1], 3, 1), ([-1, 0, 1, 2], 5, 4), ([2, 0], 2, SHORT + 3), ([1], 7, 2)]
     with torch.inference_mode():
         got, want = packed_logits(backend, backend.decoder, plans), packed_logits(backend, None, plans)
@@ -70,6 +83,7 @@ def test_plain_decoder_is_the_models_forward_bit_for_bit(family):
     torch.manual_seed(0)
     model = tiny_model(vocab=5, hidden=16, layers=2) if family == "llama" else \
         Qwen2ForCausalLM(Qwen2Config(**SMALL)).eval()
+    model = varied_norms(model)
     model.set_attn_implementation(ATTENTION)
     decoder = packed_decoder(model)
     assert decoder is not None and not decoder.layers[0].fused

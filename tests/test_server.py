@@ -111,6 +111,7 @@ def test_models_health_and_playground(server, client):
     assert health["batching"]["gather_wait"] == GATHER_WAIT and health["batching"]["waited_s"] >= 0
     assert health["batching"]["turns_taken_over"] >= 0    # on CPU generations take turns (turns.py)
     assert health["batching"]["plain_decoder"] is True       # a Llama: packed forwards skip transformers' Python
+    assert health["batching"]["pointwise_ops"] in ("kernel", "torch")   # its norms' and rope's (cpu_pointwise.py)
     assert health["batching"]["cuda_graphs"] is None          # CPU: decoding steps run eagerly
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "personamix playground" in page.text and "/v1/chat/completions" in page.text

@@ -54,8 +54,9 @@ from ..errors import PersonamixError, first_line
 from . import cpu_attention, omp
 from .cache import KVPool, SlabCache
 from .cpu_attention import AttentionRows, attention_problem, rows_of
+from .cpu_pointwise import KernelOps, pointwise_problem
 from .cuda_graphs import StaticSteps
-from .decoder import PackedDecoder, packed_decoder
+from .decoder import PackedDecoder, TorchOps, packed_decoder
 from .multilora import MultiLoraBackend
 from .prefix_cache import PrefixCache
 from .turns import Turns
@@ -501,10 +502,19 @@ class BatchingBackend(Backend):
             return None
         ids = torch.arange(SHORT + 4, device=self.device) * 7 % self.vocab_size
         rows = self.lora.row_adapters("all", self.names)             # the reference and every adapter
-        calls = [probe_calls(self.model, ids, rows, dec, self.lora.packed_rows) for dec in (None, decoder)]
-        logits = [torch.cat([c.logits.flatten() for c in cs]).float() for cs in calls]
+
+        def logits(dec: PackedDecoder | None) -> torch.Tensor:
+            calls = probe_calls(self.model, ids, rows, dec, self.lora.packed_rows)
+            return torch.cat([c.logits.flatten() for c in calls]).float()
+
+        want = logits(None)
         tol = 1e-4 if self.dtype == torch.float32 else 5e-2
-        return decoder if torch.allclose(logits[1], logits[0], atol=tol, rtol=tol) else None
+        # the pointwise steps in AVX2 kernels where they can run (cpu_pointwise.py), else PyTorch's ops
+        for ops in ([KernelOps] if pointwise_problem(decoder) is None else []) + [TorchOps]:
+            decoder.ops = ops
+            if torch.allclose(logits(decoder), want, atol=tol, rtol=tol):
+                return decoder
+        return None
 
     def stop_cuda_graphs(self) -> None:
         """Run every forward eagerly from now on (drops the graphs, gives their scratch slot back)."""

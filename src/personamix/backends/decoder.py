@@ -15,9 +15,11 @@ the same computation as a loop over the layers' weights:
         h = h + o_proj(o);  h = h + down(act(gate(rms_norm(h))) * up(rms_norm(h)))
     h = rms_norm(h)
 
-with the ops of transformers' Llama code in the same order, so its outputs equal the model's own
-forward bit for bit (the batched backend checks that on a probe at load time,
-`BatchingBackend._packed_decoder`; `packed_decoder` checks the layers' shape). The linear layers are the
+with the ops of transformers' Llama code in the same order (`TorchOps`), so its outputs equal the
+model's own forward bit for bit; on CPU the steps between the matmuls run in AVX2 kernels instead
+(cpu_pointwise.KernelOps, the same math to float rounding). The batched backend checks the result
+against the model's own forward on a probe at load time (`BatchingBackend._packed_decoder`;
+`packed_decoder` checks the layers' shape). The linear layers are the
 model's own modules (oneDNN-packed, multi-LoRA, fused q/k/v), called through `forward`.
 
 Models it takes: decoders whose layers hold exactly input_layernorm, self_attn (q/k/v/o
@@ -119,17 +121,45 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
+class TorchOps:
+    """The pointwise steps between a layer's matmuls, as transformers' Llama computes them (op for
+    op: the model's own forward bit for bit). cpu_pointwise.KernelOps swaps in for it on CPU."""
+
+    name = "torch"
+
+    @staticmethod
+    def add_norm(h: torch.Tensor, a: torch.Tensor | None, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """h += a (in place; a None: nothing added), then RMSNorm(h) * w."""
+        if a is not None:
+            h.add_(a)
+        return _rms_norm(h, w, eps)
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """Rotary embeddings of x [1, S, heads, D] (cos, sin_signed [1, S, 1, D], see `_rope`)."""
+        return _rope(x, cos, sin_signed)
+
+    @staticmethod
+    def act_mul(act: Fn, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """act(g) * u (the gated MLP's product; may reuse g's memory)."""
+        return act(g).mul_(u)
+
+
 class PackedDecoder:
     """decoder(ids [S], pos [S], batch) -> hidden states [S, d] after the final norm, equal to
     `model.get_decoder()(input_ids=ids[None], position_ids=pos[None], cache=batch, batch=batch)`
-    for the models `packed_decoder` accepts. `batch` (batching._Batch) writes each layer's keys
-    and values (`update`) and computes its attention (`attend`)."""
+    for the models `packed_decoder` accepts: bit for bit with `ops` = TorchOps, to float rounding
+    with cpu_pointwise.KernelOps. `batch` (batching._Batch) writes each layer's keys and values
+    (`update`) and computes its attention (`attend`)."""
 
     def __init__(self, decoder: nn.Module, layers: list[_Layer], norm: tuple[torch.Tensor, float]):
         self.embed = decoder.embed_tokens.forward
         self.rotary = decoder.rotary_emb
         self.layers = layers
         self.norm_w, self.norm_eps = norm
+        # (weight, eps) of the norm after each layer's MLP: the next layer's input norm, or the final one
+        self.next_norms = [(x.norm1_w, x.norm1_eps) for x in layers[1:]] + [norm]
+        self.ops: type[TorchOps] = TorchOps     # the pointwise steps (swap-in: cpu_pointwise.KernelOps)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, batch) -> torch.Tensor:
         h = self.embed(ids.view(1, -1))                                        # [1, S, d]
@@ -137,25 +167,26 @@ class PackedDecoder:
         half = cos.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)           # [-sin1, sin2] (_rope)
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)                          # [1, S, 1, D]
-        s = h.shape[1]
-        for layer in self.layers:
-            x = _rms_norm(h, layer.norm1_w, layer.norm1_eps)
+        s, ops, layers = h.shape[1], self.ops, self.layers
+        x = ops.add_norm(h, None, layers[0].norm1_w, layers[0].norm1_eps)
+        for layer, next_norm in zip(layers, self.next_norms):
             d = layer.head_dim
             if layer.fused:                    # rope over q's and k's heads at once
                 qkv = layer.qkv(x).view(1, s, -1, d)                           # [1, S, H + 2 KV, D]
                 heads, kv = layer.heads
-                qk = _rope(qkv[:, :, :heads + kv], cos, sin)                   # [1, S, H + KV, D]
+                qk = ops.rope(qkv[:, :, :heads + kv], cos, sin)                # [1, S, H + KV, D]
                 q, k, v = qk[:, :, :heads], qk[:, :, heads:], qkv[:, :, heads + kv:]
             else:
                 q, k, v = (t.view(1, s, -1, d) for t in layer.qkv(x))
-                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+                q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [1, heads, S, D]
             batch.update(k, v, layer.index)
             o = batch.attend(layer.attn, q, layer.attn.scaling)                # [1, S, H, D]
-            h = h.add_(layer.o(o.reshape(1, s, -1)))       # h is this function's own tensor: in place
-            x = _rms_norm(h, layer.norm2_w, layer.norm2_eps)
-            h = h.add_(layer.down(layer.act(layer.gate(x)).mul_(layer.up(x))))
-        return _rms_norm(h, self.norm_w, self.norm_eps)[0]
+            # h is this function's own tensor: the residual adds go into it in place
+            x = ops.add_norm(h, layer.o(o.reshape(1, s, -1)), layer.norm2_w, layer.norm2_eps)
+            mlp = layer.down(ops.act_mul(layer.act, layer.gate(x), layer.up(x)))
+            x = ops.add_norm(h, mlp, *next_norm)
+        return x[0]
 
 
 def packed_decoder(model: nn.Module) -> PackedDecoder | None:
@@ -172,4 +203,4 @@ def packed_decoder(model: nn.Module) -> PackedDecoder | None:
     return PackedDecoder(decoder, layers, norm)
 
 
-__all__ = ["PackedDecoder", "packed_decoder"]
+__all__ = ["PackedDecoder", "TorchOps", "packed_decoder"]

@@ -296,6 +296,7 @@ class Server:
                                 "row_tokens": backend.row_tokens, "prompt_row_tokens": backend.prompt_row_tokens,
                                 "busy_s": round(backend.busy_s, 3), "waited_s": round(backend.waited_s, 3),
                                 "gather_wait": backend.gather_wait, "plain_decoder": backend.decoder is not None,
+                                "pointwise_ops": backend.decoder.ops.name if backend.decoder is not None else None,
                                 "turns_taken_over": None if backend.turns is None else backend.turns.taken_over}
             graphs = backend.graphs
             body["batching"]["cuda_graphs"] = None if graphs is None else {
