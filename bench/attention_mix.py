@@ -5,17 +5,20 @@ at several context lengths: the AVX2 kernel (cpu_attention.py, the default where
 batched matmuls with the query heads of each KV head stacked over padded queries and a mask
 (`_Batch._grouped_attention`) and SDPA with a mask. `--compare lora` times the same forwards
 with their LoRA deltas on the CPU kernel (cpu_lora.py, the default where it runs) and on
-PyTorch's matmuls instead. Eight random adapters, the four of a chunk call's rows one pole of
+PyTorch's matmuls instead, `--compare pointwise` with the decoder's norms, rotary embeddings and
+SiLU in the CPU kernels (cpu_pointwise.py, the default where they run) and in PyTorch's ops
+(decoder.TorchOps). Eight random adapters, the four of a chunk call's rows one pole of
 each MBTI axis (as the server's personas), so a forward's chunks use all eight.
 
     python bench/attention_mix.py [--mix 8,2 16,4] [--contexts 45 200 500] [--steps 20]
-                                  [--compare attention|lora] [--out docs/bench/attention_mix.md]
+                                  [--compare attention|lora|pointwise] [--out docs/bench/attention_mix.md]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +29,8 @@ from cpu_linear import cpu_name  # this folder
 from personamix import Generator
 from personamix.backends import batching
 from personamix.backends.cpu_attention import attention_problem
+from personamix.backends.cpu_pointwise import KernelOps, pointwise_problem
+from personamix.backends.decoder import TorchOps
 from personamix.cli.common import quiet
 from personamix.loading import DEFAULT_MODEL, random_adapters
 
@@ -69,8 +74,8 @@ def main() -> None:
     ap.add_argument("--mix", nargs="+", default=["8,2", "16,4"], help="draft calls,chunk calls per forward")
     ap.add_argument("--contexts", type=int, nargs="+", default=[45, 200, 500])
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--compare", choices=["attention", "lora"], default="attention",
-                    help="the short calls' attention paths, or the LoRA deltas' (kernel, torch)")
+    ap.add_argument("--compare", choices=["attention", "lora", "pointwise"], default="attention",
+                    help="the short calls' attention paths, the LoRA deltas' or the pointwise steps' (kernel, torch)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     quiet()
@@ -78,9 +83,16 @@ def main() -> None:
                                     device="cpu")
     default = batching.CPU_ATTENTION
     gen.backend.pool.fill = 0.0        # (idle: no tensors yet) zeroed: the grouped and sdpa paths read masked positions
-    rows_state = gen.backend.lora.rows
-    own_lora = rows_state.kernel
-    if a.compare == "lora":
+    rows_state, decoder = gen.backend.lora.rows, gen.backend.decoder
+    own_lora, own_ops = rows_state.kernel, decoder and decoder.ops
+    if a.compare == "pointwise":
+        problem = ("no plain decoder (the model's own forward)" if decoder is None else None if own_ops is KernelOps
+                   else pointwise_problem(decoder) or "the backend does not use it")
+        modes, base_mode = (["kernel"] if problem is None else []) + ["torch"], "torch"
+
+        def use(mode: str) -> None:
+            decoder.ops = KernelOps if mode == "kernel" else TorchOps
+    elif a.compare == "lora":
         problem = None if rows_state.kernel else "the backend was built without it"
         modes, base_mode = (["kernel"] if problem is None else []) + ["torch"], "torch"
 
@@ -108,6 +120,8 @@ def main() -> None:
                     if t >= 2:
                         times[m].append(took)
             batching.CPU_ATTENTION, rows_state.kernel = default, own_lora
+            if decoder is not None:
+                decoder.ops = own_ops
             for cache in drafts + chunks:
                 gen.backend.free_cache(cache)
             ms = {m: 1000 * statistics.median(times[m]) for m in modes}
@@ -127,9 +141,12 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             title = {"attention": "Short calls' attention on CPU: the AVX2 kernel, grouped matmuls and SDPA",
-                     "lora": "LoRA deltas of a packed forward on CPU: the AVX2 kernel and PyTorch's matmuls"}[a.compare]
+                     "lora": "LoRA deltas of a packed forward on CPU: the AVX2 kernel and PyTorch's matmuls",
+                     "pointwise": "A packed forward's norms, rotary embeddings and SiLU on CPU: the AVX2 kernels "
+                                  "and PyTorch's ops"}[a.compare]
             f.write(f"# {title}\n\n")
-            f.write(f"Command: `python bench/attention_mix.py --compare {a.compare} --out {a.out}`\n\n{info}.\n\n"
+            command = f"python bench/attention_mix.py {' '.join(sys.argv[1:])}"
+            f.write(f"Command: `{command}`\n\n{info}.\n\n"
                     + "\n".join(table) + "\n")
 
 

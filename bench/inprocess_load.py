@@ -11,10 +11,12 @@ forward, the cores it kept busy, and the turns' lengths (median / p90 / p99, the
 (the A/B of that change in one tree). `--pools zeroed unfilled` runs every level once per KV pool
 fill in turn (cache.KVPool.fill: zeroed, or left uninitialised as the backend does where the CPU
 attention kernel runs), the A/B of that change alternating in one process; `--lora torch kernel`
-likewise switches the LoRA deltas between PyTorch's matmuls and the CPU kernel (cpu_lora.py).
+likewise switches the LoRA deltas between PyTorch's matmuls and the CPU kernel (cpu_lora.py), and
+`--pointwise torch kernel` the decoder's norms, rotary embeddings and SiLU between PyTorch's ops
+and the CPU kernels (cpu_pointwise.py).
 
     python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--model-forward] [--pools zeroed unfilled]
-                                   [--lora torch kernel]
+                                   [--lora torch kernel] [--pointwise torch kernel]
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from loadtest import PERSONAS, PROMPTS  # the load test's prompts and personas (
 
 from personamix import Generator
 from personamix.backends import cpu_lora
+from personamix.backends.cpu_pointwise import KernelOps, pointwise_problem
+from personamix.backends.decoder import TorchOps
 from personamix.backends.turns import Turns
 from personamix.cli.common import quiet
 from personamix.engine.params import SamplingParams
@@ -107,6 +111,8 @@ def main() -> None:
                     help="run each level once per KV pool fill, in turn (default: the backend's own)")
     ap.add_argument("--lora", nargs="+", choices=["default", "torch", "kernel"], default=["default"],
                     help="run each level once per LoRA delta path, in turn (default: the backend's own)")
+    ap.add_argument("--pointwise", nargs="+", choices=["default", "torch", "kernel"], default=["default"],
+                    help="run each level once per path of the decoder's pointwise steps, in turn")
     a = ap.parse_args()
     quiet()
     gen = Generator.from_pretrained(adapters="mbti", backend="batched")
@@ -124,17 +130,25 @@ def main() -> None:
     if "kernel" in a.lora and not b.lora.rows.kernel:
         raise SystemExit("--lora kernel: this backend's LoRA deltas do not run on the CPU kernel "
                          f"({cpu_lora.lora_problem(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))})")
-    print("| clients | pool, LoRA | tok/s | forwards | ms per forward | row-tokens per forward | in forwards / waiting "
+    own_ops = b.decoder.ops if b.decoder is not None else None
+    if a.pointwise != ["default"] and own_ops is not KernelOps:
+        why = "no plain decoder" if b.decoder is None else pointwise_problem(b.decoder)
+        raise SystemExit(f"--pointwise: this backend's decoder does not run the CPU kernels ({why})")
+    print("| clients | pool, LoRA, pointwise | tok/s | forwards | ms per forward | row-tokens per forward "
+          "| in forwards / waiting "
           "| context switches per forward (vol. / invol.) | minor faults per forward | cores busy "
           "| turns: median / p90 / p99, sum |\n|---|---|---|---|---|---|---|---|---|---|---|")
     first, own, own_lora = 1000, b.pool.fill, b.lora.rows.kernel
     for clients in a.clients:
         for pool in a.pools:
             for lora in a.lora:
-                b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # idle: no tensors
-                b.lora.rows.kernel = own_lora if lora == "default" else lora == "kernel"
-                print(level(gen, clients, a.requests, first, f"{pool}, {lora}"), flush=True)
-                first += clients * a.requests
+                for pointwise in a.pointwise:
+                    b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # idle: no tensors
+                    b.lora.rows.kernel = own_lora if lora == "default" else lora == "kernel"
+                    if b.decoder is not None:
+                        b.decoder.ops = {"default": own_ops, "torch": TorchOps, "kernel": KernelOps}[pointwise]
+                    print(level(gen, clients, a.requests, first, f"{pool}, {lora}, {pointwise}"), flush=True)
+                    first += clients * a.requests
 
 
 if __name__ == "__main__":
