@@ -114,8 +114,8 @@ def main() -> None:
             drafts, chunks = prefilled(gen, "ref", d, ctx), prefilled(gen, "prefs", c, ctx)
             times = {m: [] for m in modes}
             for t in range(a.steps + 2):
-                for m in modes:                               # alternating: all see the same machine state
-                    use(m)
+                for m in modes if t % 2 else modes[::-1]:    # alternating, first one then the other: all see
+                    use(m)                                    # the same machine state
                     took = one_forward(gen, drafts, chunks, t)
                     if t >= 2:
                         times[m].append(took)
