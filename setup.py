@@ -17,6 +17,7 @@ if sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64",
     contract = {"pointwise": ["-ffp-contract=off"]}
     extensions += [Extension(
         f"personamix.backends._avx2_{name}", [f"src/personamix/backends/csrc/avx2_{name}.cpp"], language="c++",
+        depends=["src/personamix/backends/csrc/avx2_math.h"],
         extra_compile_args=["-std=c++17", "-O3", "-mavx2", "-mfma", "-fopenmp", *contract.get(name, [])],
         extra_link_args=["-fopenmp"], optional=True) for name in ("linear", "attention", "lora", "pointwise")]
 

@@ -11,9 +11,11 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from personamix.backends import cpu_pointwise
+from personamix.backends.avx2 import env_choice
 from personamix.backends.batching import SHORT, BatchingBackend
 from personamix.backends.cpu_pointwise import KernelOps, pointwise_problem
 from personamix.backends.decoder import TorchOps, packed_decoder
+from personamix.errors import PersonamixError
 from personamix.testing import save_lora, save_tiny, tiny_model
 
 DECODER = packed_decoder(tiny_model(vocab=5, hidden=32, layers=1))
@@ -166,3 +168,14 @@ def test_a_kernel_the_probe_rejects_leaves_pytorchs_ops(adapters, monkeypatch):
     monkeypatch.setattr(batching, "pointwise_problem", lambda decoder: None)
     backend = BatchingBackend(LlamaForCausalLM.from_pretrained(base).eval(), paths)
     assert backend.decoder is not None and backend.decoder.ops is TorchOps
+
+
+def test_the_environment_choice_is_checked_by_name(monkeypatch):
+    """PERSONAMIX_CPU_POINTWISE / PERSONAMIX_CPU_LORA: kernel (unset or empty) or torch, nothing else."""
+    monkeypatch.setenv("PERSONAMIX_CPU_POINTWISE", " Torch ")
+    assert env_choice("PERSONAMIX_CPU_POINTWISE", ("kernel", "torch")) == "torch"
+    monkeypatch.setenv("PERSONAMIX_CPU_POINTWISE", "")
+    assert env_choice("PERSONAMIX_CPU_POINTWISE", ("kernel", "torch")) == "kernel"
+    monkeypatch.setenv("PERSONAMIX_CPU_POINTWISE", "fast")
+    with pytest.raises(PersonamixError, match="PERSONAMIX_CPU_POINTWISE='fast': expected kernel or torch"):
+        env_choice("PERSONAMIX_CPU_POINTWISE", ("kernel", "torch"))

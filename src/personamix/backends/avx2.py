@@ -19,16 +19,25 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import first_line
+from ..errors import PersonamixError, first_line
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 PANEL = 16   # output columns per packed panel (csrc/avx2_linear.cpp: NR)
+
+
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The environment variable `name`, one of `choices` (the first where it is unset or empty)."""
+    value = os.environ.get(name, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise PersonamixError(f"{name}={value!r}: expected {' or '.join(choices)}")
+    return value
 
 
 @functools.cache

@@ -16,21 +16,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import PersonamixError
-from .avx2 import bind
+from .avx2 import bind, env_choice
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 ENV = "PERSONAMIX_CPU_LORA"
-CPU_LORA = os.environ.get(ENV, "kernel").strip().lower() or "kernel"
-if CPU_LORA not in ("kernel", "torch"):
-    raise PersonamixError(f"{ENV}={CPU_LORA!r}: expected kernel or torch")
+CPU_LORA = env_choice(ENV, ("kernel", "torch"))
 
 
 @functools.cache

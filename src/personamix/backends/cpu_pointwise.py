@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 from torch import nn
 from transformers import activations
 
-from ..errors import PersonamixError
-from .avx2 import bind
+from .avx2 import bind, env_choice
 from .decoder import PackedDecoder, TorchOps
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 ENV = "PERSONAMIX_CPU_POINTWISE"
-CPU_POINTWISE = os.environ.get(ENV, "kernel").strip().lower() or "kernel"
-if CPU_POINTWISE not in ("kernel", "torch"):
-    raise PersonamixError(f"{ENV}={CPU_POINTWISE!r}: expected kernel or torch")
+CPU_POINTWISE = env_choice(ENV, ("kernel", "torch"))
 
 
 @functools.cache
