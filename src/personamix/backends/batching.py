@@ -444,7 +444,8 @@ class BatchingBackend(Backend):
     plain_decoder: run packed forwards through the decoder as a plain function over the model's
     layers (decoder.py: the same ops without transformers' per-layer Python, 1.05-1.08x per
     forward on CPU) where the model is of its Llama shape and a load-time probe finds the same
-    logits; `decoder` is None where the model's own forward runs instead.
+    logits; `decoder` is None where the model's own forward runs instead. On CPU its pointwise
+    steps run in AVX2 kernels where those pass the probe too (`decoder.ops`, cpu_pointwise.py).
 
     cuda_graphs: run decoding steps (every call of a forward at most SHORT new tokens) as CUDA
     graph replays, one graph per padded shape (cuda_graphs.py); None: on a CUDA device. True

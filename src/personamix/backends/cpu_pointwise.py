@@ -59,11 +59,14 @@ class KernelOps:
 
     @staticmethod
     def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """x [1, S, heads, D] (each head's D floats contiguous, heads D apart: a slice of a fused
-        q/k/v output is) with cos, sin_signed [1, S, 1, D] -> [1, S, heads, D], a new tensor."""
+        """x [1, S, heads, D] with cos, sin_signed [1, S, 1, D] -> [1, S, heads, D], a new tensor.
+        x is read in place where each head's D floats are contiguous and heads D apart (a slice of
+        a fused q/k/v output is), else from a contiguous copy."""
         _, s, heads, d = x.shape
-        if x.stride(3) != 1 or x.stride(2) != d or cos.shape != (1, s, 1, d) or sin_signed.shape != cos.shape:
-            raise ValueError(f"rope: x {tuple(x.shape)} strides {x.stride()}, cos {tuple(cos.shape)}")
+        if cos.shape != (1, s, 1, d) or sin_signed.shape != cos.shape:
+            raise ValueError(f"rope: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin_signed.shape)}")
+        if x.stride(3) != 1 or x.stride(2) != d:
+            x = x.contiguous()
         cos, sin_signed = cos.contiguous(), sin_signed.contiguous()
         out = x.new_empty(1, s, heads, d)
         _library().pml_rope(x.data_ptr(), x.stride(1), heads, d, cos.data_ptr(), sin_signed.data_ptr(),
@@ -72,9 +75,11 @@ class KernelOps:
 
     @staticmethod
     def act_mul(act: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """silu(g) * u, into g (the gate's output, a temporary; `act` is SiLU: pointwise_problem)."""
-        if not g.is_contiguous() or g.shape != u.shape:
-            raise ValueError(f"act_mul: g {tuple(g.shape)} (contiguous: {g.is_contiguous()}), u {tuple(u.shape)}")
+        """silu(g) * u, into g (the gate's output, a temporary; a contiguous copy of it where it is
+        not contiguous; `act` is SiLU: pointwise_problem)."""
+        if g.shape != u.shape:
+            raise ValueError(f"act_mul: g {tuple(g.shape)}, u {tuple(u.shape)}")
+        g = g.contiguous()
         _library().pml_silu_mul(g.data_ptr(), u.contiguous().data_ptr(), g.numel())
         return g
 
