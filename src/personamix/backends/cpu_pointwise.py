@@ -3,8 +3,8 @@
 Between a Llama layer's matmuls decoder.py runs transformers' ops one by one: the residual add
 and RMSNorm (8 ops), rotary embeddings (4) and SiLU times up (2), twice a norm per layer. On the
 2-core Zen 3 of docs/batching.md each costs ~10 us of dispatch, allocation and a pass over memory
-whatever its size, ~145 us per layer at a decoding step's 5 rows: 4 ms of a one-client forward's
-~60. csrc/avx2_pointwise.cpp does each step in one pass (see there for the math).
+whatever its size, ~145 us per layer at a decoding step's 5 rows: ~4 ms of a 5-row packed
+forward's ~55. csrc/avx2_pointwise.cpp does each step in one pass (see there for the math).
 
 `KernelOps` swaps in for decoder.py's `TorchOps` (PackedDecoder.ops), where `pointwise_problem`
 says nothing (fp32 on CPU, SiLU layers, sizes the kernel takes, the library built and agreeing
