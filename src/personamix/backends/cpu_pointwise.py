@@ -38,9 +38,9 @@ def _library() -> ctypes.CDLL | str:
                 pml_rope=[_P, _I, _I, _I, _P, _P, _P, _I], pml_silu_mul=[_P, _P, _I])
 
 
-class KernelOps:
-    """decoder.py's pointwise steps (TorchOps' contract) in csrc/avx2_pointwise.cpp: fp32 CPU
-    tensors, hidden sizes a multiple of 8, head sizes of 16."""
+class KernelOps(TorchOps):
+    """decoder.py's pointwise steps (TorchOps' contract, every method its own) in
+    csrc/avx2_pointwise.cpp: fp32 CPU tensors, hidden sizes a multiple of 8, head sizes of 16."""
 
     name = "kernel"
 

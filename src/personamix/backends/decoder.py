@@ -159,7 +159,7 @@ class PackedDecoder:
         self.norm_w, self.norm_eps = norm
         # (weight, eps) of the norm after each layer's MLP: the next layer's input norm, or the final one
         self.next_norms = [(x.norm1_w, x.norm1_eps) for x in layers[1:]] + [norm]
-        self.ops: type[TorchOps] = TorchOps     # the pointwise steps (swap-in: cpu_pointwise.KernelOps)
+        self.ops: type[TorchOps] = TorchOps     # the pointwise steps (swap-in: its subclass cpu_pointwise.KernelOps)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, batch) -> torch.Tensor:
         h = self.embed(ids.view(1, -1))                                        # [1, S, d]
