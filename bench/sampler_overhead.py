@@ -7,6 +7,12 @@ ONE thread (a generation thread's tensor work runs on one core: backends/omp.py)
 the backend's forwards is measured and taken out. The digest of the generated tokens lets two
 trees be compared (`PYTHONPATH=<tree>/src`): equal digests, equal tokens.
 
+Then one more, untimed pass counts what the sampler asks of PyTorch between forwards: tensor
+operations (on a GPU each is a kernel launch or more, from the generation's thread under the
+GIL) and read-backs of a value to the host (`.item()`, `int(t)`, `.tolist()`, and nonzero / unique,
+whose output size is read back: on a GPU each waits for the stream to drain). Neither depends on
+the device, so a CPU run says what a GPU step pays.
+
     python bench/sampler_overhead.py [--methods scr token token-rs spec] [--requests 8] [--tokens 32]
                                      [--top-p 0.9] [--out docs/bench/sampler_overhead.md]
 """
@@ -25,6 +31,18 @@ import torch
 
 from personamix import Generator
 from personamix.cli.common import quiet
+
+try:
+    from personamix.testing import SamplerWork
+except ImportError:     # a tree from before it (PYTHONPATH=<tree>/src): the counter of this checkout
+    import importlib.util
+    from pathlib import Path
+
+    _spec = importlib.util.spec_from_file_location(
+        "_this_checkouts_testing", Path(__file__).resolve().parents[1] / "src" / "personamix" / "testing.py")
+    _testing = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_testing)
+    SamplerWork = _testing.SamplerWork
 
 PROMPTS = ["How would you spend a free Saturday?", "What do you do when a plan changes at the last minute?",
            "Describe your ideal workplace.", "How do you make a hard decision?"]
@@ -53,12 +71,18 @@ def measure(gen: Generator, method: str, requests: int, tokens: int, top_p: floa
         start = time.perf_counter()
         out = go(requests)
         wall = time.perf_counter() - start
+        timed_model, timed_forwards = in_model[0], forwards[0]
+        with SamplerWork(backend) as work:      # untimed: the counting's own Python would count as the sampler's
+            go(2)
+        ops, reads, counted_forwards = work.ops, work.reads, work.forwards
+        in_model[0], forwards[0] = timed_model, timed_forwards
     finally:
         backend.run = run
     n_tokens = sum(len(t) for t in out)
     outside = wall - in_model[0]
     return {"method": method, "tokens": n_tokens, "calls": forwards[0], "wall": wall, "model": in_model[0],
             "per_call": 1e3 * outside / forwards[0], "per_token": 1e3 * outside / n_tokens,
+            "ops": ops / counted_forwards, "reads": reads / counted_forwards,
             "digest": hashlib.sha256(str(out).encode()).hexdigest()[:12]}
 
 
@@ -80,9 +104,10 @@ def main() -> None:
              f"torch {torch.__version__}, "
              f"{platform.machine()}, {os.cpu_count()} cores.", "",
              "| method | tokens | forwards | s in the model | outside the model, ms per forward | ms per token "
-             "| digest of the tokens |", "|---|---|---|---|---|---|---|"]
+             "| tensor ops per forward | read-backs per forward | digest of the tokens |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['method']} | {r['tokens']} | {r['calls']} | {r['model']:.2f} | {r['per_call']:.2f} | "
-              f"{r['per_token']:.2f} | {r['digest']} |" for r in rows]
+              f"{r['per_token']:.2f} | {r['ops']:.1f} | {r['reads']:.2f} | {r['digest']} |" for r in rows]
     print("\n".join(lines))
     if a.out:
         with open(a.out, "w") as f:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h"]
@@ -259,4 +260,60 @@ class VllmServer:
 
 
 __all__ = ["sequence_distribution", "empirical", "tv", "tv_bound", "tiny_tokenizer", "tiny_model", "save_tiny",
-           "save_lora", "save_chat_tiny", "CHAT_WORDS", "VllmServer", "vllm_python"]
+           "save_lora", "save_chat_tiny", "CHAT_WORDS", "VllmServer", "vllm_python", "SamplerWork"]
+
+
+class SamplerWork(TorchDispatchMode):
+    """What a sampler asks of PyTorch between its backend's forwards, counted on this thread while
+    generating inside `with SamplerWork(backend) as work:`. `ops`: tensor operations dispatched (on
+    a GPU each is a kernel launch or more, issued under the GIL). `reads`: read-backs to the host:
+    `.item()`, `int(t)` and the like, `.tolist()` (which reads a CPU tensor without dispatching, so
+    it is counted where it is called), and nonzero / unique, whose output's size is read back; on a
+    GPU each waits for the stream to drain. Neither depends on the device: a CPU run says what a GPU
+    step pays. The backend's forwards (`forward`, `forward_together`) are not counted; `forwards`
+    says how many ran."""
+
+    SIZED = (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten._unique2,
+             torch.ops.aten.unique_dim, torch.ops.aten.masked_select)
+
+    def __init__(self, backend) -> None:
+        super().__init__()
+        self.backend, self.ops, self.reads, self.forwards, self._counting = backend, 0, 0, 0, True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._counting:
+            self.ops += 1
+            self.reads += func.overloadpacket in self.SIZED
+        return func(*args, **(kwargs or {}))
+
+    def _uncounted(self, f):
+        def run(*args, **kwargs):
+            outer, self._counting = self._counting, False      # one backend method may call the other
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self._counting = outer
+                self.forwards += outer
+        return run
+
+    def __enter__(self):
+        self._own = {name: vars(self.backend).get(name) for name in ("forward", "forward_together")}
+        for name in self._own:
+            setattr(self.backend, name, self._uncounted(getattr(self.backend, name)))
+        tolist = self._tolist = torch.Tensor.tolist
+
+        def counted_tolist(t):
+            self.reads += self._counting
+            return tolist(t)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        for name, own in self._own.items():
+            if own is None:
+                delattr(self.backend, name)       # the class's method again
+            else:
+                setattr(self.backend, name, own)
+        return super().__exit__(*exc)
