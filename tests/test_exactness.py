@@ -83,3 +83,26 @@ def test_draw_follows_the_probabilities_and_skips_zero_mass():
         draw(torch.tensor([0.5, float("nan")]), 1, torch.Generator())
     with pytest.raises(PersonamixError, match="cannot sample"):
         draw(torch.zeros(3), 1, torch.Generator())
+
+
+@pytest.mark.parametrize("bad", [[0.0, float("nan"), -1.0], [float("-inf")] * 3, [0.0, float("inf"), 1.0]])
+def test_sample_token_and_token_rs_refuse_a_distribution_without_mass(bad):
+    """sample_token and Token-RS check the mass with the draw's one read-back: a NaN, empty or
+    infinite distribution is an error naming the problem, with and without column ids (the
+    draws past the end that such a mass gives are never used as an index)."""
+    import torch
+
+    from personamix import PersonamixError
+    from personamix.engine.samplers.common import rejection_sample_token, sample_token
+    from personamix.engine.stats import Stats
+    from personamix.engine.targets import Target
+
+    logp = torch.tensor(bad)
+    for ids in (None, torch.tensor([3, 7, 9])):
+        with pytest.raises(PersonamixError, match="cannot sample"):
+            sample_token(logp, torch.Generator(), ids=ids)
+        with pytest.raises(PersonamixError, match="cannot sample"):
+            rejection_sample_token(torch.stack([logp, torch.zeros(3)]), Target(names=("a",), weights=(1.0,)),
+                                   torch.Generator(), 8, Stats("token-rs"), ids)
+    ids = torch.tensor([3, 7, 9])
+    assert sample_token(torch.tensor([-1.0, 0.0, -2.0]), torch.Generator(), greedy=True, ids=ids) == 7

@@ -100,6 +100,19 @@ def test_negative_weights_count_clamps(tiny_gen):
     assert r.stats.clamps > 0
 
 
+@pytest.mark.parametrize("method,greedy", [("token", False), ("token", True), ("token-rs", False),
+                                           ("token-rs", True), ("scr", False), ("spec", False), ("spec", True)])
+def test_every_method_counts_clamps_where_the_target_can_clamp(tiny_gen, method, greedy):
+    """The samplers read clamps back only where the target can clamp (Target.can_clamp). With
+    alpha = (1e-9, -1) every continuation is clamped (sum_i alpha_i r_i < 0 wherever r_E < 1e9 r_N),
+    so p* is the reference and every token emitted was clamped: each method counts at least
+    those; with non-negative weights nothing is."""
+    kw = dict(max_new_tokens=12, ignore_eos=True, temperature=0.0 if greedy else 1.0, seed=0)
+    r = tiny_gen.generate(PROMPT, method=method, weights={"E": 1e-9, "N": -1.0}, **kw)
+    assert r.stats.clamps >= len(r.token_ids) == 12
+    assert tiny_gen.generate(PROMPT, method=method, weights={"E": 1.0, "N": 0.5}, **kw).stats.clamps == 0
+
+
 def test_top_k_restricts_every_method(tiny_gen):
     for method in METHODS:
         r = tiny_gen.generate(PROMPT, method=method, max_new_tokens=8, seed=2, top_k=1, ignore_eos=True,
@@ -286,3 +299,17 @@ def test_sampling_params_object_and_keywords_agree(tiny_gen):
     c = tiny_gen.generate(PROMPT, params, k=3)                 # keywords change the given params
     assert a.token_ids == b.token_ids and len(a.token_ids) == 9
     assert c.stats.method == "spec" and params.k == 2
+
+
+@pytest.mark.parametrize("method", ["base", "token"])
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_a_decoding_step_reads_back_only_what_it_decides(tiny_gen, method, top_p):
+    """On a GPU every read-back to the host waits for the stream, which a busy server's generations
+    share: a step of `base` or `token` reads back the token it samples and, with top-p, the size of
+    the support; nothing else (no weights, no checks, no clamps the target cannot have)."""
+    from personamix.testing import SamplerWork
+
+    with SamplerWork(tiny_gen.backend) as work:
+        r = tiny_gen.generate(PROMPT, method=method, top_p=top_p, max_new_tokens=8, seed=0, ignore_eos=True)
+    assert len(r.token_ids) == work.forwards == 8
+    assert work.reads == work.forwards * (2 if top_p < 1 else 1)

@@ -44,6 +44,31 @@ def test_linear_fast_path_for_nonnegative_weights_equals_the_signed_formula(weig
     assert torch.allclose(s, (w[:, None] * l.exp()).sum(0).log(), atol=1e-5)
 
 
+@pytest.mark.parametrize("aggregation,weights", [("linear", [0.25, 0.25, 0.5]), ("linear", [0.7, 0.0, 0.3]),
+                                                 ("linear", [0.9, -0.4, 0.5]), ("geometric", [0.5, -1.0, 0.0])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weights_as_numbers_give_the_bits_of_weights_as_a_tensor(aggregation, weights, dtype):
+    """Samplers pass Target.weights (numbers: prepared once, no read-back); a tensor of the same
+    values gives the same bits, and a weight of 0 drops its model out."""
+    torch.manual_seed(2)
+    l = torch.randn(3, 2, 40, dtype=dtype) * 3
+    s, clamped = aggregate(l, tuple(weights), aggregation)
+    s2, clamped2 = aggregate(l, torch.tensor(weights, dtype=dtype), aggregation)
+    assert torch.equal(s, s2) and torch.equal(clamped, clamped2)
+    if 0.0 in weights:
+        i = weights.index(0.0)
+        l2 = l.clone()
+        l2[i] = 1e4                                       # a dropped model's ratios change nothing
+        assert torch.equal(aggregate(l2, tuple(weights), aggregation)[0], s)
+    assert clamped.any() == (aggregation == "linear" and min(weights) < 0)
+
+
+def test_can_clamp_is_linear_with_a_negative_weight():
+    assert Target(names=("a", "b"), weights=(1.0, -0.5)).can_clamp
+    assert not Target(names=("a", "b"), weights=(1.0, 0.0)).can_clamp
+    assert not Target(names=("a", "b"), weights=(1.0, -0.5), aggregation="geometric").can_clamp
+
+
 def test_linear_is_stable_for_large_ratios():
     l = torch.tensor([[800.0], [799.0]], dtype=torch.float64)
     s, clamped = aggregate(l, torch.tensor([1.0, -0.5], dtype=torch.float64), "linear")
@@ -211,9 +236,11 @@ def test_top_p_on_a_sorted_prefix_keeps_what_sorting_everything_keeps(monkeypatc
         for top_p in (0.05, 0.5, 0.9, 0.99):
             monkeypatch.setattr(targets, "TOP_P_PREFIXES", ())
             full = targets._support(logits, 0, top_p)
-            for prefixes in ((16,), (4, 16), (2, 8, 64)):
+            for prefixes in ((), (16,), (4, 16), (2, 8, 64)):
                 monkeypatch.setattr(targets, "TOP_P_PREFIXES", prefixes)
                 assert torch.equal(targets._support(logits, 0, top_p), full)
+                for row in range(4):                  # one position's ids (log_probs_on_support's own path)
+                    assert torch.equal(targets._support_ids(logits[row], top_p), full[row].nonzero().squeeze(1))
             assert full.any(-1).all()                 # the most likely token always stays
 
 

@@ -24,6 +24,7 @@ one definition of the target.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -82,9 +83,11 @@ class Target:
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise PersonamixError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
 
-    def weight_tensor(self, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(self.weights, device=device, dtype=dtype)
+    @property
+    def can_clamp(self) -> bool:
+        """Whether a score can hit the floor: linear aggregation with a negative weight. Otherwise
+        `aggregate` never clamps, and samplers need not read its `clamped` back."""
+        return self.aggregation == "linear" and any(w < 0 for w in self.weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,10 +180,12 @@ def log_probs_on_support(logits: torch.Tensor, target: Target,
     warm-up verification 7.3 -> 0.16 ms per chunk on one core). Column u of the result is id ids[u]
     (`vocab_id`); a draw over it picks the same token as over the vocabulary (the cumulative sums
     skip only zeros)."""
+    if support is None and target.top_p < 1.0 and not target.top_k and logits.dim() == 2:
+        # one position's rows [R, V]: its ids, every one on it; only the reference's row is needed
+        # whole, the others are divided by the temperature on the support's columns only
+        ids = _support_ids(logits[0].float() / target.temperature, target.top_p)
+        return torch.log_softmax(logits.index_select(-1, ids).float() / target.temperature, dim=-1), ids
     x = logits.float() / target.temperature
-    if support is None and target.top_p < 1.0 and not target.top_k and x.dim() == 2:
-        ids = _support_ids(x[0], target.top_p)        # one position's rows [R, V]: its ids, every one on it
-        return torch.log_softmax(x.index_select(-1, ids), dim=-1), ids
     if support is None and (target.top_k or target.top_p < 1.0):
         support = _support(x[0], target.top_k, target.top_p)
     if support is None:
@@ -259,34 +264,66 @@ def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torc
 
 def _support_ids(ref_logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """`_support(ref_logits, 0, top_p)` of ONE position [V] as its ids [U], ascending (no pass over
-    the vocabulary to build a mask)."""
-    top, order = _top_p_sorted(torch.softmax(ref_logits, dim=-1), top_p)
-    kept = int(((top.cumsum(-1) - top) < top_p).sum())   # a prefix: the mass before a token only grows
-    return order[:kept].sort().values
+    the vocabulary to build a mask). What `_top_p_sorted` decides, with one read-back per prefix
+    tried: whether the prefix holds top_p and how many of its tokens are kept, together."""
+    probs = torch.softmax(ref_logits, dim=-1)
+    for k in (*(k for k in TOP_P_PREFIXES if k < probs.shape[-1]), None):
+        top, order = torch.sort(probs, descending=True) if k is None else torch.topk(probs, k)
+        kept = ((top.cumsum(-1) - top) < top_p).sum()    # a prefix: the mass before a token only grows
+        if k is not None:
+            kept = torch.where(top.sum() >= top_p, kept, -1)   # -1: this prefix holds less than top_p
+        n = int(kept)
+        if n >= 0:
+            return order[:n].sort().values
+    raise AssertionError("unreachable: the whole vocabulary always holds top_p")
 
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation
 # ---------------------------------------------------------------------------------------------
 
-def aggregate(log_ratios: torch.Tensor, weights: torch.Tensor, aggregation: str,
+@dataclass(frozen=True)
+class _Weights:
+    """The weights alpha on one device and dtype, with what `aggregate` needs of them worked out
+    once on the host (a sampler aggregates at every step: no read-back, no copy to the device).
+    Shared by every generation with these weights: read only."""
+
+    w: torch.Tensor                  # [N]
+    negative: bool                   # any alpha_i < 0
+    positive: torch.Tensor | None    # [P] the i with alpha_i > 0; None: every i
+    log_positive: torch.Tensor       # [P] log alpha_i of those
+
+
+@functools.lru_cache(maxsize=256)
+def _weights_on(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> _Weights:
+    w = torch.tensor(values, device=device, dtype=dtype)
+    keep = [i for i, a in enumerate(values) if a > 0]
+    positive = None if len(keep) == len(values) else torch.tensor(keep, device=device)
+    return _Weights(w, any(a < 0 for a in values), positive, torch.log(w if positive is None else w[positive]))
+
+
+def aggregate(log_ratios: torch.Tensor, weights: torch.Tensor | Sequence[float], aggregation: str,
               floor: float = CLAMP_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
-    """S from log ratios `log_ratios` [N, ...] and weights [N]; returns (S [...], clamped [...]).
+    """S from log ratios `log_ratios` [N, ...] and weights [N] (a tensor or numbers, e.g.
+    `Target.weights`: those need no read-back); returns (S [...], clamped [...]).
 
     linear:    S = log sum_i alpha_i exp(l_i), with signs handled stably:
                P = logsumexp_{alpha_i>0}(log alpha_i + l_i), Q = logsumexp_{alpha_i<0}(log|alpha_i| + l_i),
                S = P + log(1 - exp(Q - P)) when Q < P, else clamped to `floor`.
     geometric: S = sum_i alpha_i l_i (never clamped).
     """
-    w = weights.to(log_ratios.dtype).view(-1, *([1] * (log_ratios.dim() - 1)))
+    values = weights.tolist() if isinstance(weights, torch.Tensor) else weights
+    prepared = _weights_on(tuple(float(a) for a in values), log_ratios.device, log_ratios.dtype)
+    per_model = (-1, *([1] * (log_ratios.dim() - 1)))                                  # [N, 1, ...]
+    w = prepared.w.view(per_model)
     if aggregation == "geometric":
         s = (w * log_ratios).sum(0)
         return s, torch.zeros_like(s, dtype=torch.bool)
     if aggregation != "linear":
         raise PersonamixError(f"unknown aggregation {aggregation!r}")
-    if not bool((weights < 0).any()):   # the usual case: Q = -inf, so S = P exactly and nothing is clamped
-        keep = (weights > 0).nonzero().view(-1)
-        s = torch.logsumexp(torch.log(w[keep]) + log_ratios[keep], dim=0)
+    if not prepared.negative:   # the usual case: Q = -inf, so S = P exactly and nothing is clamped
+        kept = log_ratios if prepared.positive is None else log_ratios.index_select(0, prepared.positive)
+        s = torch.logsumexp(prepared.log_positive.view(per_model) + kept, dim=0)
         return s, torch.zeros_like(s, dtype=torch.bool)
     neg_inf = torch.tensor(float("-inf"), dtype=log_ratios.dtype, device=log_ratios.device)
     log_w = torch.log(w.abs())  # -inf where alpha_i == 0: those models drop out
@@ -306,10 +343,8 @@ def token_scores(logp: torch.Tensor, target: Target) -> tuple[torch.Tensor, torc
     target log-probability stays -inf through the reference term.
     """
     ref = logp[0]
-    on = torch.isfinite(ref)
-    log_ratios = torch.where(on, logp[1:] - ref, torch.zeros_like(logp[1:]))
-    return aggregate(log_ratios, target.weight_tensor(logp.device, logp.dtype), target.aggregation,
-                     target.clamp_floor)
+    log_ratios = torch.where(torch.isfinite(ref), logp[1:] - ref, 0.0)
+    return aggregate(log_ratios, target.weights, target.aggregation, target.clamp_floor)
 
 
 def token_target(logp: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,16 +354,18 @@ def token_target(logp: torch.Tensor, target: Target) -> tuple[torch.Tensor, torc
 
 
 def chunk_log_probs(logits: torch.Tensor, target: Target, support: torch.Tensor,
-                    chunk: torch.Tensor) -> torch.Tensor:
+                    chunk: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """log_probs(logits, target, support) at the chunk's own tokens only: logits [R, k, V] of R
-    rows at the k chunk positions, support [k, V] (bool), chunk [k] -> [R, k].
+    rows at the k chunk positions, support [k, V] (bool), chunk [k] (the tokens' columns; as
+    numbers, no read-back) -> [R, k].
 
     log p(c_j) = x(c_j) - logsumexp over the support of x, x = logits / temperature: a pass over
     each position's on-support logits instead of writing [R, k, V] log-probs (SCR's cascade
     needs no more; N=4, k=4, top-p 0.9: 3.3-5.0 -> 0.5 ms on one CPU core, docs/bench/scr_scoring.md).
     A token off the support gets -inf, as in log_probs."""
     out, t = [], target.temperature
-    for j in range(chunk.shape[0]):
+    chunk = chunk.tolist() if isinstance(chunk, torch.Tensor) else chunk
+    for j in range(len(chunk)):
         x = logits[:, j].float()                                               # [R, V]
         on = support[j].nonzero().squeeze(1)                                   # [n_j] on-support tokens
         kept = x if on.shape[0] == x.shape[-1] else x.index_select(-1, on)     # [R, n_j]
@@ -344,5 +381,4 @@ def prefix_scores(ref_tok: torch.Tensor, pref_tok: torch.Tensor, target: Target)
     l_i(C_{1:j}|Y) = sum_{m<=j} log pi_i(c_m|Y,C_{<m}) - log pi_ref(c_m|Y,C_{<m}).
     Returns (S [k], clamped [k])."""
     cum = (pref_tok - ref_tok).cumsum(dim=-1)                                           # [N, k]
-    return aggregate(cum, target.weight_tensor(cum.device, cum.dtype), target.aggregation,
-                     target.clamp_floor)
+    return aggregate(cum, target.weights, target.aggregation, target.clamp_floor)

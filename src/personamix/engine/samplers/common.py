@@ -17,26 +17,52 @@ from ..targets import Target, aggregate, log_probs_on_support, to_vocabulary, to
 ENGINE_PROPOSALS = 2   # measured fastest for token-rs of 1, 2, 4 (docs/scale-out.md)
 
 
+# A read-back (`int(t)`, `bool(t)`, `.tolist()`) waits, on a GPU, for every kernel queued before
+# it, and a busy server's generations all queue on one stream: the functions below read back once
+# per decision where they can, and never for what the host already knows (Target.can_clamp).
+
+def _draw(p: torch.Tensor, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draw` without its check: (draws [n], p's total mass, 0-d; see `_usable`)."""
+    cdf = p.cumsum(0)
+    total = cdf[-1]
+    u = torch.rand(n, generator=rng, device=p.device, dtype=cdf.dtype) * total
+    u.clamp_max_(torch.nextafter(total, torch.zeros_like(total)))   # u < total even where rounding says otherwise
+    # the first index whose cumulative mass exceeds u: never a zero-probability token (past the end
+    # only where the mass is not usable: clamped, so that indexing with it stays in bounds)
+    return torch.searchsorted(cdf, u, right=True).clamp_max_(p.shape[0] - 1), total
+
+
+def _usable(total: torch.Tensor) -> torch.Tensor:
+    """Whether a distribution of this total mass can be sampled: finite and > 0 (bool, 0-d)."""
+    return (total > 0) & (total < math.inf)
+
+
+def _no_mass(total: torch.Tensor) -> PersonamixError:
+    return PersonamixError(f"cannot sample: the distribution's mass is {float(total)} (non-finite logits?)")
+
+
 def draw(p: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
     """n independent draws [n] from unnormalised probabilities `p` [V], by inverse CDF
     (torch.multinomial takes ~1 ms on a 49k vocabulary on CPU, this ~0.2 ms)."""
-    cdf = p.cumsum(0)
-    total = cdf[-1]
-    if not bool(torch.isfinite(total) & (total > 0)):
-        raise PersonamixError(f"cannot sample: the distribution's mass is {float(total)} (non-finite logits?)")
-    u = torch.rand(n, generator=rng, device=p.device, dtype=cdf.dtype) * total
-    u.clamp_max_(torch.nextafter(total, torch.zeros_like(total)))   # u < total even where rounding says otherwise
-    # the first index whose cumulative mass exceeds u: never a zero-probability token
-    return torch.searchsorted(cdf, u, right=True)
+    i, total = _draw(p, n, rng)
+    if not bool(_usable(total)):
+        raise _no_mass(total)
+    return i
 
 
 def sample_token(logp: torch.Tensor, rng: torch.Generator, greedy: bool = False,
                  ids: torch.Tensor | None = None) -> int:
     """One draw from the distribution with log-probabilities `logp` [U]; its argmax when `greedy`.
     ids: the vocabulary id of each column (targets.log_probs_on_support; None: column = id),
-    mapped before the one read back (on a GPU, one sync per token)."""
-    i = logp.argmax() if greedy else draw(logp.exp(), 1, rng)[0]
-    return int(i if ids is None else ids[i])
+    mapped before the one read-back (on a GPU, one sync per token)."""
+    if greedy:
+        i = logp.argmax().view(1)                                                      # [1]
+        return int(i if ids is None else ids[i])
+    i, total = _draw(logp.exp(), 1, rng)                                               # [1]
+    t = int(torch.where(_usable(total), i if ids is None else ids[i], -1))            # -1: nothing to sample
+    if t < 0:
+        raise _no_mass(total)
+    return t
 
 
 def draft(session: Session, seq: list[int], k: int, target: Target, rng: torch.Generator,
@@ -74,14 +100,18 @@ def _on_union(rows: list[torch.Tensor],
 
 
 def rejection_sample_token(logp: torch.Tensor, target: Target, rng: torch.Generator,
-                           max_retries: int, stats: Stats) -> tuple[int, int, bool]:
+                           max_retries: int, stats: Stats,
+                           ids: torch.Tensor | None = None) -> tuple[int, int, bool]:
     """Token-RS at one position (the paper's baseline), exact for p*.
 
     logp [N+1, V]: log-probs of every row at this position. Propose t ~ pi_ref and accept with
     probability exp(S(t) - log M), log M = max_t S(t) over the support (the exact bound, so the
     accepted token is distributed as p*). After `max_retries` rejections the token is drawn
     from p* directly: every branch then yields p*, so the bounded loop stays exact.
-    Proposals at one position need no new forward, so they are drawn in blocks.
+    Proposals at one position need no new forward, so they are drawn in blocks, and a block is
+    read back once (whether any proposal passed, the first that did, its token).
+    ids: the vocabulary id of each column of `logp` (None: column = id); the token returned is
+    a vocabulary id.
     Returns (token, proposals tried, whether one was accepted); clamps and exhausted loops go into `stats`.
     """
     s, clamped = token_scores(logp, target)
@@ -91,17 +121,24 @@ def rejection_sample_token(logp: torch.Tensor, target: Target, rng: torch.Genera
     tried = 0
     while tried < max_retries:
         n = min(32, max_retries - tried)
-        props = draw(p_ref, n, rng)
+        props, total = _draw(p_ref, n, rng)                                           # [n] columns
         log_u = torch.rand(n, generator=rng, device=ref.device).log()
-        ok = log_u < s[props] - log_m
-        first = int(ok.float().argmax()) if bool(ok.any()) else n
-        used = min(first + 1, n)
+        ok = log_u < s[props] - log_m                                                 # [n]
+        first = ok.float().argmax().view(1)                                           # [1] (0 when none passed)
+        token = props[first] if ids is None else ids[props[first]]                    # [1]
+        usable, passed, first_i, token_i = torch.cat([_usable(total).view(1), ok.any().view(1), first,
+                                                      token]).tolist()
+        if not usable:
+            raise _no_mass(total)
+        first_i = first_i if passed else n
+        used = min(first_i + 1, n)
         tried += used
-        stats.clamps += int(clamped[props[:used]].sum())
-        if first < n:
-            return int(props[first]), tried, True
+        if target.can_clamp:
+            stats.clamps += int(clamped[props[:used]].sum())
+        if passed:
+            return token_i, tried, True
     stats.rs_exhausted += 1
-    return sample_token(torch.log_softmax(ref + s, dim=-1), rng), tried, False
+    return sample_token(torch.log_softmax(ref + s, dim=-1), rng, ids=ids), tried, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +169,7 @@ def window_rejection_token(session: Session, seq: list[int], target: Target, win
         pref = session.score_next(seq, ids)                                          # [N, U]
         col = torch.tensor([ids.index(t) for t in props.tokens])
         log_ratios = pref[:, col] - torch.tensor(props.logprobs)                     # [N, n]
-        s, clamped = aggregate(log_ratios, target.weight_tensor(), target.aggregation, target.clamp_floor)
+        s, clamped = aggregate(log_ratios, target.weights, target.aggregation, target.clamp_floor)
         s_list = s.tolist()
         if not window:
             window.extend(s_list)

@@ -58,7 +58,6 @@ from ..targets import (
     log_probs,
     prefix_scores,
     token_scores,
-    vocab_id,
 )
 from .common import draft, engine_seed, rejection_sample_token, window_rejection_token
 
@@ -93,16 +92,22 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         # the cascade needs the drafted tokens' log-probs only; whole distributions only for the
         # exact verification and the fallback (at position 1)
         ref_tok = logq.gather(1, chunk_c.view(-1, 1)).squeeze(1)                   # [k]
-        s, clamped = prefix_scores(ref_tok, chunk_log_probs(pref_logits, target, support, chunk_c), target)   # [k]
+        pref_tok = chunk_log_probs(pref_logits, target, support, chunk if ids is None else chunk_c)   # [N, k]
+        s, clamped = prefix_scores(ref_tok, pref_tok, target)                      # [k]
         stats.proposals += k
         if params.bound == "exact" or chunks < max(params.warmup, 1):   # >= 1: the windows need a score
             stats.warmup_chunks += params.bound != "exact"
             out = _verify_exact(logq, pref_logits, support, chunk, chunk_c, ids, target, params, rng, stats)
+            s_list = s.tolist()
         else:
+            # the cascade's numbers in one read-back: S_j, a fresh log u per test, the clamps if any can be
+            log_u = torch.rand(k, generator=rng, device=s.device).log().to(s.dtype)
+            rows = torch.stack([s, log_u, clamped.to(s.dtype)] if target.can_clamp else [s, log_u]).tolist()
+            s_list = rows[0]
             fallback = partial(_first_token_rs, logq[0], pref_logits[:, 0], support[0], ids, target, rng,
                                params.max_retries, stats)
-            out = _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback)
-        s_list = s.tolist()
+            out = _cascade(chunk, s_list, rows[1], rows[2] if target.can_clamp else None, windows, log_gamma,
+                           stats, fallback)
         for j in range(k):
             windows[j].append(s_list[j])
         chunks += 1
@@ -142,7 +147,9 @@ def _sample_on_engine(session: Session, prompt: list[int], target: Target, param
                     windows[j].append(s_list[j])
             fallback = partial(window_rejection_token, session, seq, target, windows[0], log_gamma,
                                params.max_retries, rng, stats)
-            out = _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback)
+            log_u = torch.rand(k, generator=rng, device=s.device).log().tolist()
+            out = _cascade(chunk, s_list, log_u, clamped.tolist() if target.can_clamp else None, windows,
+                           log_gamma, stats, fallback)
             for j in range(k):
                 windows[j].append(s_list[j])
             seq.extend(out)
@@ -152,18 +159,19 @@ def _sample_on_engine(session: Session, prompt: list[int], target: Target, param
             offset += k
 
 
-def _cascade(chunk, s, clamped, windows, log_gamma, rng, stats, fallback) -> list[int]:
+def _cascade(chunk: list[int], s: list[float], log_u: list[float], clamped: list | None, windows, log_gamma: float,
+             stats: Stats, fallback) -> list[int]:
     """Steps 3-4: test C_{1:k}, ..., C_{1:1} against the window bounds, then fall back to one
-    token of Token-RS (`fallback()` returns (token, tried, accepted))."""
+    token of Token-RS (`fallback()` returns (token, tried, accepted)). s: S_j of the k prefixes,
+    log_u: a fresh log u for each test, clamped: whether S_j was clamped (None: none can be)."""
     k = len(chunk)
-    log_u = torch.rand(k, generator=rng, device=s.device).log().tolist()
-    s_list, clamped_list = s.tolist(), clamped.tolist()
     for j in range(k, 0, -1):
         log_m = max(windows[j - 1]) + log_gamma
         stats.chunks_proposed[j] += 1
-        stats.bound_violations += s_list[j - 1] > log_m
-        stats.clamps += clamped_list[j - 1]
-        if log_u[j - 1] < s_list[j - 1] - log_m:
+        stats.bound_violations += s[j - 1] > log_m
+        if clamped is not None:
+            stats.clamps += int(clamped[j - 1])
+        if log_u[j - 1] < s[j - 1] - log_m:
             stats.chunks_accepted[j] += 1
             stats.accepted += j
             return chunk[:j]
@@ -176,8 +184,7 @@ def _first_token_rs(logq, pref_logits, support, ids, target, rng, max_retries, s
     logq [U] and the preference models' logits there [N, U] on the reference's support [U], all
     on the columns `ids` (vocabulary ids; None: all)."""
     logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])        # [N+1, U]
-    t, tried, ok = rejection_sample_token(logp, target, rng, max_retries, stats)
-    return vocab_id(ids, t), tried, ok
+    return rejection_sample_token(logp, target, rng, max_retries, stats, ids)
 
 
 def _verify_exact(logq, pref_logits, support, chunk, chunk_c, ids, target, params, rng, stats) -> list[int]:
@@ -193,10 +200,10 @@ def _verify_exact(logq, pref_logits, support, chunk, chunk_c, ids, target, param
           < s.gather(1, idx).squeeze(1) - log_m).tolist()
     n = ok.index(False) if False in ok else len(chunk)
     stats.accepted += n
-    stats.clamps += int(clamped.gather(1, idx)[: n + 1].sum())
+    if target.can_clamp:
+        stats.clamps += int(clamped.gather(1, idx)[: n + 1].sum())
     if n == len(chunk):
         return list(chunk)
     stats.proposals -= len(chunk) - n - 1      # drafted tokens after the rejection were never tested
     stats.fallback_tokens += 1
-    t = rejection_sample_token(logp[:, n], target, rng, params.max_retries, stats)[0]
-    return chunk[:n] + [vocab_id(ids, t)]
+    return chunk[:n] + [rejection_sample_token(logp[:, n], target, rng, params.max_retries, stats, ids)[0]]

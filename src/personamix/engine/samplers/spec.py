@@ -50,7 +50,8 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         n = rejected.index(True) if True in rejected else k
         stats.proposals += min(n + 1, k)
         stats.accepted += n
-        stats.clamps += int((clamped[:k].gather(1, idx).squeeze(1) & on)[: n + 1].sum())
+        if target.can_clamp:
+            stats.clamps += int((clamped[:k].gather(1, idx).squeeze(1) & on)[: n + 1].sum())
         if params.greedy:
             u = int(logp_star[n].argmax())
         elif n < k:   # residual distribution at the first rejected position

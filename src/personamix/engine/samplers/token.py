@@ -13,7 +13,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs_on_support, token_target, vocab_id
+from ..targets import Target, column_of, log_probs_on_support, token_target
 from .common import sample_token
 
 
@@ -23,8 +23,8 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
     while True:
         logp, ids = log_probs_on_support(session.logits("all", seq)[:, -1], target)   # [N+1, U]: the support's ids
         logp_star, _, clamped = token_target(logp, target)
-        u = sample_token(logp_star, rng, params.greedy)
-        stats.clamps += int(clamped[u])
-        t = vocab_id(ids, u)
+        t = sample_token(logp_star, rng, params.greedy, ids)                      # the step's one read-back
+        if target.can_clamp:
+            stats.clamps += int(clamped[column_of(ids, torch.tensor([t], device=clamped.device))])
         seq.append(t)
         yield [t]

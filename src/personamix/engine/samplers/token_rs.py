@@ -38,11 +38,12 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         if params.greedy:
             logp_star, _, clamped = token_target(logp, target)
             u = int(logp_star.argmax())
-            stats.clamps += int(clamped[u])
+            if target.can_clamp:
+                stats.clamps += int(clamped[u])
+            t = vocab_id(ids, u)
         else:
-            u, tried, ok = rejection_sample_token(logp, target, rng, params.max_retries, stats)
+            t, tried, ok = rejection_sample_token(logp, target, rng, params.max_retries, stats, ids)
             stats.proposals += tried
             stats.accepted += ok
-        t = vocab_id(ids, u)
         seq.append(t)
         yield [t]
