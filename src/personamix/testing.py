@@ -259,14 +259,11 @@ class VllmServer:
         self.proc.wait(timeout=30)
 
 
-__all__ = ["sequence_distribution", "empirical", "tv", "tv_bound", "tiny_tokenizer", "tiny_model", "save_tiny",
-           "save_lora", "save_chat_tiny", "CHAT_WORDS", "VllmServer", "vllm_python", "SamplerWork"]
-
-
 class SamplerWork(TorchDispatchMode):
-    """What a sampler asks of PyTorch between its backend's forwards, counted on this thread while
-    generating inside `with SamplerWork(backend) as work:`. `ops`: tensor operations dispatched (on
-    a GPU each is a kernel launch or more, issued under the GIL). `reads`: read-backs to the host:
+    """What a sampler asks of PyTorch between its backend's forwards, counted while generating
+    (one generation at a time) inside `with SamplerWork(backend) as work:`. `ops`: tensor
+    operations dispatched (on a GPU each is a kernel launch or more, issued under the GIL).
+    `reads`: read-backs to the host:
     `.item()`, `int(t)` and the like, `.tolist()` (which reads a CPU tensor without dispatching, so
     it is counted where it is called), and nonzero / unique, whose output's size is read back; on a
     GPU each waits for the stream to drain. Neither depends on the device: a CPU run says what a GPU
@@ -317,3 +314,7 @@ class SamplerWork(TorchDispatchMode):
             else:
                 setattr(self.backend, name, own)
         return super().__exit__(*exc)
+
+
+__all__ = ["sequence_distribution", "empirical", "tv", "tv_bound", "tiny_tokenizer", "tiny_model", "save_tiny",
+           "save_lora", "save_chat_tiny", "CHAT_WORDS", "VllmServer", "vllm_python", "SamplerWork"]
