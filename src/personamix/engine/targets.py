@@ -250,32 +250,34 @@ def _support(ref_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor
     return keep
 
 
-def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The most likely tokens in descending order, enough of them to hold top_p of the mass at
-    every position (TOP_P_PREFIXES first, else the whole vocabulary): (probs, ids), [..., m]."""
+def _sorted_prefixes(probs: torch.Tensor):
+    """The most likely tokens in descending order: the TOP_P_PREFIXES shortest first, then the
+    whole vocabulary. Yields (probs, ids, whole), [..., m]; top-p stops at the first that holds
+    top_p of the mass."""
     for k in TOP_P_PREFIXES:
         if k >= probs.shape[-1]:
             break
-        top, order = torch.topk(probs, k, dim=-1)                       # descending
-        if bool((top.sum(-1) >= top_p).all()):
+        yield (*torch.topk(probs, k, dim=-1), False)
+    yield (*torch.sort(probs, dim=-1, descending=True), True)
+
+
+def _top_p_sorted(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely tokens in descending order, enough of them to hold top_p of the mass at
+    every position (TOP_P_PREFIXES first, else the whole vocabulary): (probs, ids), [..., m]."""
+    for top, order, whole in _sorted_prefixes(probs):
+        if whole or bool((top.sum(-1) >= top_p).all()):
             return top, order
-    return torch.sort(probs, dim=-1, descending=True)
 
 
 def _support_ids(ref_logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """`_support(ref_logits, 0, top_p)` of ONE position [V] as its ids [U], ascending (no pass over
     the vocabulary to build a mask). What `_top_p_sorted` decides, with one read-back per prefix
     tried: whether the prefix holds top_p and how many of its tokens are kept, together."""
-    probs = torch.softmax(ref_logits, dim=-1)
-    for k in (*(k for k in TOP_P_PREFIXES if k < probs.shape[-1]), None):
-        top, order = torch.sort(probs, descending=True) if k is None else torch.topk(probs, k)
+    for top, order, whole in _sorted_prefixes(torch.softmax(ref_logits, dim=-1)):
         kept = ((top.cumsum(-1) - top) < top_p).sum()    # a prefix: the mass before a token only grows
-        if k is not None:
-            kept = torch.where(top.sum() >= top_p, kept, -1)   # -1: this prefix holds less than top_p
-        n = int(kept)
+        n = int(kept if whole else torch.where(top.sum() >= top_p, kept, -1))   # -1: holds less than top_p
         if n >= 0:
             return order[:n].sort().values
-    raise AssertionError("unreachable: the whole vocabulary always holds top_p")
 
 
 # ---------------------------------------------------------------------------------------------
