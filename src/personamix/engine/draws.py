@@ -1,0 +1,209 @@
+"""Drawing the reference's next token for many generations at once.
+
+Most of a busy server's calls are one-token steps of the reference alone: SCR's and spec's drafts
+(k of every k + 1 calls) and the `base` method. Each needs the same small program on the
+reference's logits at one position: temperature, the top-k / top-p support, log-probs on it
+(the proposal q), a draw. Run by every generation on its own, that is ~20 tensor operations and
+2 read-backs per generation per step, each a kernel launch or a wait for the stream on a GPU
+(docs/bench/gpu.md: at 64 clients the generations' own work was 37% of the time). `draw_next`
+runs it for all rows of one forward at once (vLLM's sampler does the same for its requests):
+the same number of operations for 64 rows as for one, and two read-backs in all.
+
+A row's result does not depend on its company. Rows are grouped by kind (no truncation; top-p;
+top-k, which runs row by row) and, for top-p, by the prefix of most likely tokens that holds
+top_p of its mass (targets.TOP_P_PREFIXES: 64, 1024, then the whole vocabulary); a row is
+computed at that prefix's width whatever else is in the batch, with the same row-wise
+operations, so a seeded generation draws the same bits alone or beside others (checked by
+tests/test_draws.py). Against `log_probs_on_support` + `sample_token` of one row, the support
+and the token are the same and the log-probs equal up to float rounding: a row's log-softmax
+runs over its prefix's width with -inf past its support, not over the support alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PersonamixError
+from .targets import TOP_P_PREFIXES, Target, log_probs_on_support
+
+#: on CPU, rows are drawn in passes of at most this many: a pass's [rows, V] temporaries then stay
+#: small enough for the caches and the allocator's free lists (64 rows of the default model's
+#: vocabulary at once took 33-36 ms on one core, in passes of 16 22 ms, one by one 27-42 ms:
+#: bench/draws.py). Other devices draw every row in one pass (there the count of operations is the cost).
+CPU_ROWS_PER_PASS = 16
+
+
+@dataclass(frozen=True, eq=False)
+class Draw:
+    """One generation's request: the next token from the reference under `target`'s temperature
+    / top-k / top-p, drawn with `rng` (its argmax when `greedy`; then `rng` is not used)."""
+
+    target: Target
+    rng: torch.Generator
+    greedy: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class Drawn:
+    """A draw's outcome: the token (a vocabulary id), the reference's log-probs on the support
+    [U] (the proposal q; -inf nowhere on it) and the support's vocabulary ids [U] (ascending;
+    None: the whole vocabulary, U = V). `error`: why nothing could be drawn (token -1)."""
+
+    token: int
+    logq: torch.Tensor
+    ids: torch.Tensor | None
+    error: PersonamixError | None = None
+
+    def checked(self) -> Drawn:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+@dataclass
+class _Group:
+    """Rows drawn by one set of operations: log-probs [b, m] on columns `ids` [b, m] (ascending,
+    then the vocabulary size past a row's support; None: column = id, m = V), each row's support
+    size (`sizes`, and its last column on the device: `last` [b], or one int for all rows)."""
+
+    rows: list[int]
+    logp: torch.Tensor
+    ids: torch.Tensor | None
+    sizes: list[int]
+    last: torch.Tensor | int
+
+
+def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | None = None) -> list[Drawn]:
+    """One token for each row of `logits` [B, V] (the reference at one position, row b for
+    draws[b]), in passes of `rows_per_pass` rows (None: CPU_ROWS_PER_PASS on CPU, all elsewhere).
+    A pass reads back once per top-p prefix tried (see the module docstring; none without top-p)
+    and once for all its tokens."""
+    if logits.dim() != 2 or logits.shape[0] != len(draws):
+        raise ValueError(f"logits {tuple(logits.shape)} for {len(draws)} draws: expected [B, V]")
+    if rows_per_pass is None:
+        rows_per_pass = CPU_ROWS_PER_PASS if logits.device.type == "cpu" else len(draws)
+    if len(draws) > rows_per_pass:
+        return [d for i in range(0, len(draws), rows_per_pass)
+                for d in draw_next(logits[i: i + rows_per_pass], draws[i: i + rows_per_pass], rows_per_pass)]
+    vocab = logits.shape[-1]
+    whole = [b for b, d in enumerate(draws) if not d.target.top_k and d.target.top_p >= 1.0]
+    top_p = [b for b, d in enumerate(draws) if not d.target.top_k and d.target.top_p < 1.0]
+    groups = []
+    if whole:
+        x = _scaled(logits, whole, draws)
+        groups.append(_Group(whole, torch.log_softmax(x, dim=-1), None, [vocab] * len(whole), vocab - 1))
+    if top_p:
+        groups += _top_p_groups(_scaled(logits, top_p, draws), top_p, draws, vocab)
+    for b, d in enumerate(draws):
+        if d.target.top_k:       # rare in practice: row by row, through the general path
+            logp, ids = log_probs_on_support(logits[b:b + 1], d.target)           # [1, U]
+            n = logp.shape[-1]
+            groups.append(_Group([b], logp, None if ids is None else ids[None], [n], n - 1))
+    tokens, totals = zip(*(_sample(g, draws) for g in groups))
+    tokens = (tokens[0] if len(tokens) == 1 else torch.cat(tokens)).tolist()       # the tokens' one read-back
+    out: list[Drawn | None] = [None] * len(draws)
+    at = 0
+    for g, total in zip(groups, totals):
+        width = g.logp.shape[-1]
+        for r, (b, n) in enumerate(zip(g.rows, g.sizes)):
+            token = tokens[at + r]
+            error = None if token >= 0 else PersonamixError(
+                f"cannot sample: the distribution's mass is {float(total[r])} (non-finite logits?)")
+            logq, ids = g.logp[r], None if g.ids is None else g.ids[r]
+            if n < width:
+                logq, ids = logq[:n], ids[:n]
+            out[b] = Drawn(token, logq, ids, error)
+        at += len(g.rows)
+    return out
+
+
+def _per_row(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """One number for every row (no tensor to make), else a column [b, 1] (the same bits either way)."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(-1, 1)
+
+
+def _scaled(logits: torch.Tensor, rows: list[int], draws: Sequence[Draw]) -> torch.Tensor:
+    """logits[rows] / each row's temperature, in fp32: [b, V]."""
+    x = logits.float() if len(rows) == logits.shape[0] else logits[rows].float()
+    t = _per_row([draws[b].target.temperature for b in rows], x)
+    return x if isinstance(t, float) and t == 1.0 else x / t
+
+
+@functools.lru_cache(maxsize=16)
+def _columns(m: int, device: torch.device) -> torch.Tensor:
+    """0 .. m-1 as a row [1, m] (read only)."""
+    return torch.arange(m, device=device).view(1, -1)
+
+
+def _top_p_groups(x: torch.Tensor, rows: list[int], draws: Sequence[Draw], vocab: int) -> list[_Group]:
+    """The top-p rows' supports and log-probs: x [b, V] (scaled logits of `rows`). A row's support
+    is the shortest prefix of its most likely tokens whose mass reaches top_p (the first always
+    stays), as targets._support decides it; each row is computed at the width of the first
+    prefix (TOP_P_PREFIXES, then the whole vocabulary) that holds top_p, one group per width."""
+    probs = torch.softmax(x, dim=-1)                                                # [b, V]
+    p_all = _per_row([draws[b].target.top_p for b in rows], probs)                  # a number, or [b, 1]
+    pending = list(range(len(rows)))        # positions in `rows` still without a support
+    groups = []
+    widths = [m for m in TOP_P_PREFIXES if m < vocab] + [vocab]
+    for m in widths:
+        some = len(pending) < len(rows)
+        pick = torch.tensor(pending, device=x.device) if some else None
+        sub = probs.index_select(0, pick) if some else probs
+        p = p_all.index_select(0, pick) if some and isinstance(p_all, torch.Tensor) else p_all
+        if m < vocab:
+            top, order = torch.topk(sub, m, dim=-1)                                 # [b', m]
+        else:
+            top, order = torch.sort(sub, dim=-1, descending=True)
+        kept = ((top.cumsum(-1) - top) < p).sum(-1)                                 # the mass before a token only grows
+        holds = top.sum(-1, keepdim=True) >= p
+        n = kept if m == vocab else torch.where(holds.squeeze(1), kept, -1)        # -1: holds less than top_p
+        n_list = n.tolist()                                                          # one read-back per width tried
+        done = [i for i, k in enumerate(n_list) if k >= 0]
+        if done:
+            if len(done) < len(n_list):
+                keep = torch.tensor(done, device=x.device)
+                order, n = order.index_select(0, keep), n.index_select(0, keep)
+            at = [pending[i] for i in done]
+            drop = _columns(m, x.device) >= n.view(-1, 1)                           # [d, m] past each row's n
+            ids = order.masked_fill(drop, vocab).sort(dim=-1).values                 # its ids ascending, then V
+            xs = x if len(at) == len(rows) else x.index_select(0, torch.tensor(at, device=x.device))
+            logp = torch.log_softmax(xs.gather(1, ids.clamp_max(vocab - 1)).masked_fill(drop, float("-inf")), dim=-1)
+            groups.append(_Group([rows[i] for i in at], logp, ids, [n_list[i] for i in done],
+                                 (n - 1).clamp_min(0)))      # 0 left only where the mass is not usable
+        pending = [pending[i] for i, k in enumerate(n_list) if k < 0]
+        if not pending:
+            break
+    return groups
+
+
+def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's tokens (vocabulary ids; -1 where a row's mass cannot be sampled) and its rows'
+    total masses, without a read-back. Inverse CDF, as samplers.common._draw: each row's uniform
+    comes from its own generator, so a generation's random stream is its own."""
+    dev = g.logp.device
+    greedy = [draws[b].greedy for b in g.rows]
+    cdf = g.logp.exp().cumsum(-1)                                                   # [b, m]
+    total = cdf[:, -1]                                                              # [b] (past a support: + 0)
+    u = [torch.zeros(1, device=dev, dtype=cdf.dtype) if gr else
+         torch.rand(1, generator=draws[b].rng, device=dev, dtype=cdf.dtype) for b, gr in zip(g.rows, greedy)]
+    u = (u[0] if len(u) == 1 else torch.cat(u)) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))         # u < total despite rounding
+    i = torch.searchsorted(cdf, u.view(-1, 1), right=True).squeeze(1)             # [b]
+    i = i.clamp_max(g.last) if isinstance(g.last, int) else torch.minimum(i, g.last)   # in range, also without mass
+    usable = (total > 0) & (total < math.inf)
+    if any(greedy):
+        flag = torch.tensor(greedy, device=dev)
+        i = torch.where(flag, g.logp.argmax(-1), i)
+        usable = usable | flag
+    token = i if g.ids is None else g.ids.gather(1, i.view(-1, 1)).squeeze(1)
+    return torch.where(usable, token, -1), total
+
+
+__all__ = ["CPU_ROWS_PER_PASS", "Draw", "Drawn", "draw_next"]

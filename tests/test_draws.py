@@ -1,0 +1,143 @@
+"""The reference's next-token draws of many generations at once (engine/draws.py): each row gets
+what it would get alone, bit for bit, whatever its company; the same token and support as the
+samplers' one-row path; draws distributed as the truncated, tempered reference; two read-backs
+per pass."""
+import pytest
+import torch
+
+from personamix import PersonamixError
+from personamix.engine.draws import Draw, draw_next
+from personamix.engine.samplers.common import sample_token
+from personamix.engine.targets import TOP_P_PREFIXES, Target, log_probs_on_support
+from personamix.testing import SamplerWork, tv, tv_bound
+
+VOCAB = 49152
+
+
+def _logits(rows: int, seed: int = 0) -> torch.Tensor:
+    """Rows of every kind top-p meets: peaked (the 64 most likely hold top_p), broader (1,024
+    do), flat (only the whole vocabulary does)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = [8.0, 2.5, 0.05]
+    return torch.stack([torch.randn(VOCAB, generator=g) * scales[r % 3] for r in range(rows)])
+
+
+def _draws(rows: int, seed: int) -> list[Draw]:
+    """Requests of every kind: temperatures, top-p values, no truncation, top-k, greedy."""
+    kinds = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95), dict(temperature=1.3),
+             dict(temperature=0.5, top_p=0.8), dict(top_k=5), dict(temperature=0.7, top_p=0.9, greedy=True)]
+    out = []
+    for r in range(rows):
+        kind = dict(kinds[r % len(kinds)])
+        greedy = kind.pop("greedy", False)
+        out.append(Draw(Target((), (), **kind), torch.Generator().manual_seed(seed + r), greedy))
+    return out
+
+
+def _same(a, b) -> bool:
+    return (a.token == b.token and torch.equal(a.logq, b.logq)
+            and (a.ids is None and b.ids is None or a.ids is not None and b.ids is not None
+                 and torch.equal(a.ids, b.ids)))
+
+
+def test_the_logits_cover_every_top_p_width():
+    x = _logits(3)
+    probs = torch.softmax(x / 0.7, -1)
+    held = [torch.topk(probs, m, -1).values.sum(-1) >= 0.9 for m in TOP_P_PREFIXES]
+    assert held[0].tolist() == [True, False, False] and held[1].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("rows_per_pass", [1, 5, 12])
+def test_a_rows_draw_is_the_same_alone_and_in_any_company(rows_per_pass):
+    """So a seeded generation draws the same tokens and q alone or beside others, in any order."""
+    x = _logits(12)
+    together = draw_next(x, _draws(12, 7), rows_per_pass=rows_per_pass)
+    ds = _draws(12, 7)
+    alone = [draw_next(x[r:r + 1], [ds[r]])[0] for r in range(12)]
+    assert all(_same(a, t) for a, t in zip(alone, together))
+    order = list(range(12))[::-1]                                     # other neighbours, other positions
+    ds = _draws(12, 7)
+    shuffled = draw_next(x[order], [ds[r] for r in order])
+    assert all(_same(alone[r], s) for r, s in zip(order, shuffled))
+
+
+def test_draws_give_the_samplers_one_row_token_and_support():
+    x = _logits(12, seed=1)
+    drawn = draw_next(x, _draws(12, 3))
+    for r, d in enumerate(_draws(12, 3)):
+        logq, ids = log_probs_on_support(x[r:r + 1], d.target)
+        assert sample_token(logq[0], d.rng, d.greedy, ids) == drawn[r].token
+        assert (ids is None) == (drawn[r].ids is None)
+        if ids is not None:
+            assert torch.equal(ids, drawn[r].ids)
+        torch.testing.assert_close(drawn[r].logq, logq[0], rtol=0, atol=1e-6)
+        assert torch.isfinite(drawn[r].logq).all()                     # q on its support, nothing off it
+
+
+@pytest.mark.parametrize("kind", [dict(temperature=0.7, top_p=0.8), dict(temperature=1.5), dict(top_k=6)])
+def test_draws_follow_the_truncated_tempered_reference(kind):
+    """2,000 rows of one distribution, each with its own generator: the draws' empirical
+    distribution is within the sampling bound of softmax(logits / T) on the support, and no
+    token off the support is ever drawn."""
+    g = torch.Generator().manual_seed(5)
+    row = torch.randn(300, generator=g) * 2.5
+    target = Target((), (), **kind)
+    logq, ids = log_probs_on_support(row[None], target)
+    ids = range(300) if ids is None else ids.tolist()
+    p = dict(zip(ids, logq[0].exp().tolist()))
+    n = 2000
+    drawn = draw_next(row.expand(n, -1), [Draw(target, torch.Generator().manual_seed(i)) for i in range(n)])
+    counts: dict[int, float] = {}
+    for d in drawn:
+        counts[d.token] = counts.get(d.token, 0) + 1 / n
+    assert set(counts) <= set(p)
+    assert tv(counts, p) < tv_bound(p, n)
+
+
+def test_a_pass_reads_back_once_per_width_tried_and_once_for_its_tokens():
+    """On a GPU every read-back waits for the stream: a pass of many rows reads back as often as
+    one row, and its operations grow far slower than its rows."""
+    x = _logits(12)
+    top_p = Target((), (), temperature=0.7, top_p=0.9)
+    counted = {}
+    for rows in (1, 12):
+        with SamplerWork() as work:
+            draws = [Draw(top_p, torch.Generator().manual_seed(r)) for r in range(rows)]
+            draw_next(x[:rows], draws, rows_per_pass=rows)
+        counted[rows] = work
+    assert counted[1].reads == 2                   # the 64 most likely hold top_p: one width, then the token
+    assert counted[12].reads == 4                  # rows at 64, 1,024 and the whole vocabulary
+    assert counted[12].ops < 12 * counted[1].ops / 2
+    with SamplerWork() as work:
+        draw_next(x[:12:3], [Draw(top_p, torch.Generator().manual_seed(r)) for r in range(4)])   # all peaked
+    assert work.reads == 2
+
+
+def test_a_row_without_mass_fails_alone_and_by_name():
+    x = _logits(3)
+    x[1] = float("nan")
+    ds = [Draw(Target((), (), temperature=0.7, top_p=0.9), torch.Generator().manual_seed(r)) for r in range(3)]
+    drawn = draw_next(x, ds)
+    assert drawn[1].token == -1
+    with pytest.raises(PersonamixError, match="mass is nan"):
+        drawn[1].checked()
+    ok = [Draw(Target((), (), temperature=0.7, top_p=0.9), torch.Generator().manual_seed(r)) for r in (0, 2)]
+    assert [d.checked().token for d in (drawn[0], drawn[2])] == [d.token for d in draw_next(x[[0, 2]], ok)]
+    whole = draw_next(torch.full((1, 7), float("nan")), [Draw(Target((), ()), torch.Generator())])[0]
+    with pytest.raises(PersonamixError, match="mass"):
+        whole.checked()
+
+
+def test_greedy_rows_take_the_argmax_and_leave_their_generator_alone():
+    x = _logits(3)
+    x[0, 11] = x[0, 40] = x[0].max() + 1.0                            # a tie: the smaller id, as argmax
+    gens = [torch.Generator().manual_seed(r) for r in range(3)]
+    states = [g.get_state() for g in gens]
+    drawn = draw_next(x, [Draw(Target((), (), top_p=p), g, greedy=True) for p, g in zip((0.9, 1.0, 0.5), gens)])
+    assert [d.token for d in drawn] == [11] + x[1:].argmax(-1).tolist()
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))
+
+
+def test_logits_and_requests_must_agree():
+    with pytest.raises(ValueError, match="expected"):
+        draw_next(torch.zeros(2, 5), [Draw(Target((), ()), torch.Generator())])
