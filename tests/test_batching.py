@@ -203,6 +203,44 @@ def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
     assert b.calls - calls > b.forwards - forwards     # some forwards served several generations
 
 
+def test_concurrent_drafts_are_drawn_together_in_their_forward_and_match_running_alone(pair):
+    """The reference's draws of every generation in a forward are made at once after it (engine/
+    draws.py), whatever each one's temperature / top-p / greedy: each gets what it gets alone."""
+    batched, fast = pair
+    b = batched.backend
+    jobs = [dict(method="scr", weights={"T": 0.5, "E": 0.5}, temperature=0.7, top_p=0.9, seed=1),
+            dict(method="base", temperature=1.3, seed=2), dict(method="base", temperature=0, seed=3),
+            dict(method="spec", weights={"N": 1.0}, top_p=0.8, seed=4), dict(method="scr", weights={"E": 1.0}, seed=5)]
+    alone = [fast.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **j).token_ids for j in jobs]
+    out: dict[int, list[int]] = {}
+    sizes: list[int] = []
+    draw_calls = b.draw_calls
+
+    def counted(calls):
+        sizes.append(len(calls))
+        draw_calls(calls)
+
+    def run(i):
+        out[i] = batched.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **jobs[i]).token_ids
+
+    b.draw_calls = counted
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        with b.paused():
+            for t in threads:
+                t.start()
+            deadline = time.time() + 30
+            while b.waiting < len(jobs):
+                assert time.time() < deadline, "threads did not queue their calls"
+                time.sleep(0.01)
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        del b.draw_calls
+    assert [out[i] for i in range(len(jobs))] == alone
+    assert max(sizes) >= 3                  # several generations' drafts in one forward, drawn at once
+
+
 def test_an_error_reaches_every_call_of_the_batch_and_the_backend_goes_on(pair):
     batched, _ = pair
     b = batched.backend

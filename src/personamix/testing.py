@@ -267,13 +267,17 @@ class SamplerWork(TorchDispatchMode):
     `.item()`, `int(t)` and the like, `.tolist()` (which reads a CPU tensor without dispatching, so
     it is counted where it is called), and nonzero / unique, whose output's size is read back; on a
     GPU each waits for the stream to drain. Neither depends on the device: a CPU run says what a GPU
-    step pays. The backend's forwards (`forward`, `forward_together`) are not counted; `forwards`
-    says how many ran."""
+    step pays. The models' forwards (the backend's `forward`, `forward_together` and the batched
+    backend's `run`) are not counted, but the draws a backend makes for the sampler are
+    (`Backend.forward_draw`; the batched backend's `draw_calls`); `forwards` says how many ran.
+    `backend=None`: count everything in the block."""
 
     SIZED = (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten._unique2,
              torch.ops.aten.unique_dim, torch.ops.aten.masked_select)
+    UNCOUNTED = ("forward", "forward_together", "run")     # the models' work
+    COUNTED = ("draw_calls",)                              # the sampler's, inside `run`
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend=None) -> None:
         super().__init__()
         self.backend, self.ops, self.reads, self.forwards, self._counting = backend, 0, 0, 0, True
 
@@ -283,20 +287,22 @@ class SamplerWork(TorchDispatchMode):
             self.reads += func.overloadpacket in self.SIZED
         return func(*args, **(kwargs or {}))
 
-    def _uncounted(self, f):
+    def _switched(self, f, counting: bool):
         def run(*args, **kwargs):
-            outer, self._counting = self._counting, False      # one backend method may call the other
+            outer, self._counting = self._counting, counting   # one backend method may call another
             try:
                 return f(*args, **kwargs)
             finally:
                 self._counting = outer
-                self.forwards += outer
+                self.forwards += outer and not counting
         return run
 
     def __enter__(self):
-        self._own = {name: vars(self.backend).get(name) for name in ("forward", "forward_together")}
-        for name in self._own:
-            setattr(self.backend, name, self._uncounted(getattr(self.backend, name)))
+        names = [(n, c) for group, c in ((self.UNCOUNTED, False), (self.COUNTED, True)) for n in group
+                 if self.backend is not None and hasattr(self.backend, n)]
+        self._own = {name: vars(self.backend).get(name) for name, _ in names}
+        for name, counting in names:
+            setattr(self.backend, name, self._switched(getattr(self.backend, name), counting))
         tolist = self._tolist = torch.Tensor.tolist
 
         def counted_tolist(t):

@@ -49,6 +49,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from ..engine.draws import Draw, Drawn, draw_next
 from ..engine.session import Backend, Group
 from ..errors import PersonamixError, first_line
 from . import cpu_attention, omp
@@ -98,10 +99,12 @@ class Call:
     prompt: list[int] | None = None  # a call over an empty cache: its tokens, for the prefix cache
     thread: int | None = None        # the thread that queued it (forward_together)
     columns: torch.Tensor | None = None  # logits at these vocabulary ids only (Backend.restricts_columns)
+    draw: Draw | None = None         # the next token is drawn in the forward (Backend.forward_draw)
+    drawn: Drawn | None = None
 
     @property
     def finished(self) -> bool:
-        return self.logits is not None or self.error is not None
+        return self.error is not None or (self.logits is not None and (self.draw is None or self.drawn is not None))
 
 
 class _Batch:
@@ -559,6 +562,21 @@ class BatchingBackend(Backend):
         next draft step) in the same forward, shared with other generations' waiting calls. A
         request is (group, tokens, cache, n_logits[, columns]) (`restricts_columns`)."""
         calls = [self.call(*r[:4], names, columns=r[4] if len(r) > 4 else None) for r in requests]
+        self._submit(calls)
+        return [c.logits for c in calls], 1
+
+    def forward_draw(self, tokens: torch.Tensor, cache, names: Sequence[str],
+                     draw: Draw) -> tuple[Drawn, torch.Tensor, int]:
+        """The reference's next token, drawn after the forward together with every other call's
+        draw in it (`draw_calls`)."""
+        call = self.call("ref", tokens, cache, 1, names)
+        call.draw = draw
+        self._submit([call])
+        return call.drawn, call.logits, 1
+
+    def _submit(self, calls: list[Call]) -> None:
+        """Queue one generation's calls and return when a forward has served them: run it if the
+        model is free (with every call waiting), else wait for the one that takes them."""
         me = threading.get_ident()
         for c in calls:
             c.thread = me
@@ -593,7 +611,6 @@ class BatchingBackend(Backend):
                 raise c.error
         if self.turns is not None:
             self.turns.take(TURN_LIMIT * self._forward_s)   # this generation's work until its next call
-        return [c.logits for c in calls], 1
 
     def _gather(self) -> None:
         """Wait (bounded; `_turn` is released while waiting) until every thread the last forward
@@ -646,6 +663,7 @@ class BatchingBackend(Backend):
             for c in calls if whole else ():
                 if c.columns is not None:
                     c.logits = c.logits.index_select(-1, c.columns)
+            self.draw_calls([c for c in calls if c.draw is not None])
             self.forwards += 1
             self.calls += len(calls)
             for c, prompt in zip(calls, prompts):
@@ -657,6 +675,15 @@ class BatchingBackend(Backend):
         except BaseException as e:   # every call of the batch learns of it (their caches are now unusable)
             for c in calls:
                 c.error = e
+
+    def draw_calls(self, calls: list[Call]) -> None:
+        """Every drawing call's token at once, from its logits (draws.draw_next: the same
+        operations for all of them as for one, and one read-back for their tokens)."""
+        if not calls:
+            return
+        logits = calls[0].logits[:, -1] if len(calls) == 1 else torch.stack([c.logits[0, -1] for c in calls])
+        for c, drawn in zip(calls, draw_next(logits, [c.draw for c in calls])):
+            c.drawn = drawn
 
     def _restore_prefixes(self, calls: list[Call], cache: PrefixCache) -> None:
         """Calls over an empty cache (prompts) start after the longest prefix cached for all

@@ -24,6 +24,8 @@ from typing import ClassVar, Literal
 import torch
 
 from ..errors import PersonamixError
+from .draws import Draw, Drawn, draw_next
+from .targets import Target
 
 Group = Literal["ref", "prefs", "all"]
 GROUPS: tuple[str, ...] = ("ref", "prefs", "all")
@@ -95,6 +97,14 @@ class Backend(ABC):
         """Keep the keys/values of prompt prefixes across generations, up to `max_mb` MB (0: stop),
         if this backend can (the batched one: backends/prefix_cache.py). Whether it does."""
         return False
+
+    def forward_draw(self, tokens: torch.Tensor, cache: object, names: Sequence[str],
+                     draw: Draw) -> tuple[Drawn, torch.Tensor, int]:
+        """A "ref" call for the next token only, drawn here (draws.draw_next): (the draw, the
+        logits [1, 1, V], forward passes). A backend that shares forwards draws the tokens of all
+        the calls in one forward at once."""
+        logits, passes = self.forward("ref", tokens, cache, 1, names)
+        return draw_next(logits[:, -1], [draw])[0], logits, passes
 
     def forward_together(self, calls: Sequence[tuple[Group, torch.Tensor, object, int]],
                          names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
@@ -189,14 +199,9 @@ class Session:
             if out[i] is not None:
                 out[i] = out[i] if columns is None else out[i].index_select(-1, columns)
             else:
-                keep = len(self.cached(group))
-                todo.append((i, group, seq, torch.tensor(seq[keep:], dtype=torch.long, device=self.backend.device),
-                             n_logits, columns))
+                todo.append((i, group, seq, self._new_tokens(group, seq), n_logits, columns))
         if not todo:
             return out
-        for _, group, _, _, _, _ in todo:
-            if group not in self._caches:
-                self._caches[group] = self.backend.new_cache(group, self.names)
         restrict = self.backend.restricts_columns and any(c is not None for *_, c in todo)
         if len(todo) > 1 or restrict:
             logits, passes = self.backend.forward_together(
@@ -206,20 +211,51 @@ class Session:
             _, g, _, new, n, _ = todo[0]
             logits, passes = self.backend.forward(g, new, self._caches[g], n, self.names)
             logits = [logits]
-        self.forward_passes += passes
-        self.round_trips += self.backend.scores_remotely
+        self._count_forward(passes)
         for (i, group, seq, _, n_logits, columns), lg in zip(todo, logits):
-            self._tokens[group] = list(seq)
-            memo = self._memo.setdefault(group, {})
             if columns is None or not restrict:     # whole distributions: the memo keeps them
-                for j, p in enumerate(range(len(seq) - n_logits + 1, len(seq) + 1)):
-                    memo[p] = lg[:, j]
-                for p in sorted(memo)[:-self.MEMO]:
-                    del memo[p]
+                self._remember(group, seq, n_logits, lg)
                 if columns is not None:
                     lg = lg.index_select(-1, columns)
+            else:
+                self._tokens[group] = list(seq)
             out[i] = lg
         return out
+
+    def draw(self, seq: Sequence[int], target: Target, rng: torch.Generator, greedy: bool = False) -> Drawn:
+        """The reference's next token after `seq` under the target's temperature / top-k / top-p
+        (its argmax when `greedy`), with the proposal's log-probs on the support
+        (draws.Drawn). The backend draws it in the forward that computes the logits, together
+        with every other generation's draw there (Backend.forward_draw); logits the memo still
+        holds (a rolled-back draft's) are drawn from here, by the same function."""
+        request = Draw(target, rng, greedy)
+        logits = self._from_cache("ref", seq, 1)
+        if logits is not None:
+            return draw_next(logits[:, -1], [request])[0].checked()
+        drawn, logits, passes = self.backend.forward_draw(self._new_tokens("ref", seq), self._caches["ref"],
+                                                          self.names, request)
+        self._count_forward(passes)
+        self._remember("ref", seq, 1, logits)
+        return drawn.checked()
+
+    def _new_tokens(self, group: Group, seq: Sequence[int]) -> torch.Tensor:
+        """What the group's cache lacks of `seq`, as a tensor (the cache is created if need be)."""
+        if group not in self._caches:
+            self._caches[group] = self.backend.new_cache(group, self.names)
+        return torch.tensor(seq[len(self.cached(group)):], dtype=torch.long, device=self.backend.device)
+
+    def _count_forward(self, passes: int) -> None:
+        self.forward_passes += passes
+        self.round_trips += self.backend.scores_remotely
+
+    def _remember(self, group: Group, seq: Sequence[int], n_logits: int, logits: torch.Tensor) -> None:
+        """The cache now holds `seq`; the memo keeps its last n_logits positions' logits [rows, n_logits, V]."""
+        self._tokens[group] = list(seq)
+        memo = self._memo.setdefault(group, {})
+        for j, p in enumerate(range(len(seq) - n_logits + 1, len(seq) + 1)):
+            memo[p] = logits[:, j]
+        for p in sorted(memo)[:-self.MEMO]:
+            del memo[p]
 
     def _from_cache(self, group: Group, seq: Sequence[int], n_logits: int) -> torch.Tensor | None:
         """The logits if the memo has them (after rolling the cache back to `seq`); else None,

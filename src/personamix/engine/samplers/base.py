@@ -10,8 +10,8 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs_on_support
-from .common import engine_seed, sample_token
+from ..targets import Target
+from .common import engine_seed
 
 ENGINE_CHUNK = 16   # tokens per engine call: a step streams this many at once
 
@@ -26,7 +26,6 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         seq.extend(out)
         yield out
     while True:
-        logp, ids = log_probs_on_support(session.logits("ref", seq)[:, -1], target)   # [1, U]: the support's ids
-        t = sample_token(logp[0], rng, params.greedy, ids)
+        t = session.draw(seq, target, rng, params.greedy).token    # drawn with the forward's other draws
         seq.append(t)
         yield [t]

@@ -11,7 +11,7 @@ import torch
 from ...errors import PersonamixError
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, aggregate, log_probs_on_support, to_vocabulary, token_scores
+from ..targets import Target, aggregate, to_vocabulary, token_scores
 
 #: proposals a Token-RS round over an engine asks the reference for in one call
 ENGINE_PROPOSALS = 2   # measured fastest for token-rs of 1, 2, 4 (docs/scale-out.md)
@@ -67,7 +67,8 @@ def sample_token(logp: torch.Tensor, rng: torch.Generator, greedy: bool = False,
 
 def draft(session: Session, seq: list[int], k: int, target: Target, rng: torch.Generator,
           greedy: bool = False) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
-    """Sample k tokens from the reference after `seq` (k single-row forwards; its argmax when `greedy`).
+    """Sample k tokens from the reference after `seq` (k single-row forwards, each drawn by the
+    backend with its forward's other draws: Session.draw; its argmax when `greedy`).
 
     Returns the chunk, the reference log-probs at its k positions [k, U] (with the target's
     temperature / top-k / top-p: the proposal q of every drafted token) and the vocabulary ids of
@@ -77,11 +78,10 @@ def draft(session: Session, seq: list[int], k: int, target: Target, rng: torch.G
     chunk: list[int] = []
     rows, supports = [], []
     for _ in range(k):
-        logits = session.logits("ref", seq + chunk, 1)[0, -1]                         # [V]
-        lq, ids = log_probs_on_support(logits[None], target)                           # [1, U_j]: the support's ids
-        chunk.append(sample_token(lq[0], rng, greedy, ids))
-        rows.append(lq[0])
-        supports.append(ids)
+        drawn = session.draw(seq + chunk, target, rng, greedy)                        # q [U_j] on ids [U_j]
+        chunk.append(drawn.token)
+        rows.append(drawn.logq)
+        supports.append(drawn.ids)
     return (chunk, *_on_union(rows, supports))
 
 
