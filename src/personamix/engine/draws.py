@@ -69,13 +69,12 @@ class Drawn:
 class _Group:
     """Rows drawn by one set of operations: log-probs [b, m] on columns `ids` [b, m] (ascending,
     then the vocabulary size past a row's support; None: column = id, m = V), each row's support
-    size (`sizes`, and its last column on the device: `last` [b], or one int for all rows)."""
+    size (`sizes`)."""
 
     rows: list[int]
     logp: torch.Tensor
     ids: torch.Tensor | None
     sizes: list[int]
-    last: torch.Tensor | int
 
 
 def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | None = None) -> list[Drawn]:
@@ -96,14 +95,13 @@ def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | 
     groups = []
     if whole:
         x = _scaled(logits, whole, draws)
-        groups.append(_Group(whole, torch.log_softmax(x, dim=-1), None, [vocab] * len(whole), vocab - 1))
+        groups.append(_Group(whole, torch.log_softmax(x, dim=-1), None, [vocab] * len(whole)))
     if top_p:
         groups += _top_p_groups(_scaled(logits, top_p, draws), top_p, draws, vocab)
     for b, d in enumerate(draws):
         if d.target.top_k:       # rare in practice: row by row, through the general path
             logp, ids = log_probs_on_support(logits[b:b + 1], d.target)           # [1, U]
-            n = logp.shape[-1]
-            groups.append(_Group([b], logp, None if ids is None else ids[None], [n], n - 1))
+            groups.append(_Group([b], logp, None if ids is None else ids[None], [logp.shape[-1]]))
     tokens, totals = zip(*(_sample(g, draws) for g in groups))
     tokens = (tokens[0] if len(tokens) == 1 else torch.cat(tokens)).tolist()       # the tokens' one read-back
     out: list[Drawn | None] = [None] * len(draws)
@@ -162,8 +160,8 @@ def _top_p_groups(x: torch.Tensor, rows: list[int], draws: Sequence[Draw], vocab
         else:
             top, order = torch.sort(sub, dim=-1, descending=True)
         kept = ((top.cumsum(-1) - top) < p).sum(-1)                                 # the mass before a token only grows
-        holds = top.sum(-1, keepdim=True) >= p
-        n = kept if m == vocab else torch.where(holds.squeeze(1), kept, -1)        # -1: holds less than top_p
+        n = kept if m == vocab else torch.where(top.sum(-1) >= (p if isinstance(p, float) else p.view(-1)), kept, -1)
+        # -1: the prefix holds less than top_p
         n_list = n.tolist()                                                          # one read-back per width tried
         done = [i for i, k in enumerate(n_list) if k >= 0]
         if done:
@@ -175,12 +173,16 @@ def _top_p_groups(x: torch.Tensor, rows: list[int], draws: Sequence[Draw], vocab
             ids = order.masked_fill(drop, vocab).sort(dim=-1).values                 # its ids ascending, then V
             xs = x if len(at) == len(rows) else x.index_select(0, torch.tensor(at, device=x.device))
             logp = torch.log_softmax(xs.gather(1, ids.clamp_max(vocab - 1)).masked_fill(drop, float("-inf")), dim=-1)
-            groups.append(_Group([rows[i] for i in at], logp, ids, [n_list[i] for i in done],
-                                 (n - 1).clamp_min(0)))      # 0 left only where the mass is not usable
+            groups.append(_Group([rows[i] for i in at], logp, ids, [n_list[i] for i in done]))
         pending = [pending[i] for i, k in enumerate(n_list) if k < 0]
         if not pending:
             break
     return groups
+
+
+@functools.lru_cache(maxsize=16)
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((), device=device, dtype=dtype)
 
 
 def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,9 +196,10 @@ def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tenso
     u = [torch.zeros(1, device=dev, dtype=cdf.dtype) if gr else
          torch.rand(1, generator=draws[b].rng, device=dev, dtype=cdf.dtype) for b, gr in zip(g.rows, greedy)]
     u = (u[0] if len(u) == 1 else torch.cat(u)) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))         # u < total despite rounding
-    i = torch.searchsorted(cdf, u.view(-1, 1), right=True).squeeze(1)             # [b]
-    i = i.clamp_max(g.last) if isinstance(g.last, int) else torch.minimum(i, g.last)   # in range, also without mass
+    u = torch.minimum(u, torch.nextafter(total, _zero(dev, total.dtype)))         # u < total despite rounding
+    # the first column whose cumulative mass exceeds u: on the row's support (its cdf reaches the
+    # total there and stays), past it only where the mass is not usable (clamped: in bounds)
+    i = torch.searchsorted(cdf, u.view(-1, 1), right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)   # [b]
     usable = (total > 0) & (total < math.inf)
     if any(greedy):
         flag = torch.tensor(greedy, device=dev)
