@@ -9,9 +9,10 @@ preference models. A sampler works on *groups* of rows that advance together:
 
 A `Session` holds one cache per group for one generation. `logits(group, seq, n)` returns
 the logits after the last n tokens of `seq`, feeding only what the cache lacks and rolling
-back what it holds beyond the shared prefix (a rejected draft). Nothing else touches a
-model: a backend implements `Backend` (new_cache, forward, crop) and every sampler runs on
-it, whether the models are in this process (backends/) or behind a server.
+back what it holds beyond the shared prefix (a rejected draft); `draw(seq, target, rng)` the
+reference's next token after `seq`, drawn by the backend with that forward (draws.py). Nothing
+else touches a model: a backend implements `Backend` (new_cache, forward, crop) and every sampler
+runs on it, whether the models are in this process (backends/) or behind a server.
 """
 
 from __future__ import annotations
@@ -117,10 +118,11 @@ class Backend(ABC):
 class Session:
     """KV caches of one generation, one per group, created on first use.
 
-    `logits(group, seq, n)` is the only call samplers need: it returns the logits that follow
+    `logits(group, seq, n)` is the call samplers need: it returns the logits that follow
     each of the last n tokens of `seq`, reusing the group's cache for the longest prefix it
     shares with `seq` and rolling the rest back (`truncate`). So a rejected draft is undone by
-    simply asking about the sequence without it; the prefix is never recomputed.
+    simply asking about the sequence without it; the prefix is never recomputed. `draw` is the
+    same over the reference for one drafted token, drawn by the backend.
     """
 
     MEMO = 8   # logits kept per group for the latest positions (a draft's tail, reused after a rollback)
