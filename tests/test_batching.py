@@ -183,12 +183,20 @@ def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
         [("token", {"E": 1.0, "N": 1.0}), ("scr", {"T": 0.5, "E": 0.5}), ("spec", {"N": 1.0}),
          ("token-rs", {"E": 0.7, "T": 0.3}), ("base", None), ("token", {"E": 1.0, "N": -0.5, "T": 1.0})])]
     alone = [fast.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **j).token_ids for j in jobs]
+    forwards, calls = b.forwards, b.calls
+    assert _concurrently(batched, jobs) == alone
+    assert b.calls - calls > b.forwards - forwards     # some forwards served several generations
+
+
+def _concurrently(gen, jobs: list[dict]) -> list[list[int]]:
+    """The jobs' generations (10 tokens after SEQ[:3]), each in its own thread, their first calls
+    all in one forward."""
+    b = gen.backend
     out: dict[int, list[int]] = {}
 
     def run(i):
-        out[i] = batched.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **jobs[i]).token_ids
+        out[i] = gen.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **jobs[i]).token_ids
 
-    forwards, calls = b.forwards, b.calls
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     with b.paused():                     # no forward starts until every thread's first call waits: they share it
         for t in threads:
@@ -199,8 +207,7 @@ def test_concurrent_generations_share_forwards_and_match_running_alone(pair):
             time.sleep(0.01)
     for t in threads:
         t.join(timeout=120)
-    assert [out[i] for i in range(len(jobs))] == alone
-    assert b.calls - calls > b.forwards - forwards     # some forwards served several generations
+    return [out.get(i) for i in range(len(jobs))]
 
 
 def test_concurrent_drafts_are_drawn_together_in_their_forward_and_match_running_alone(pair):
@@ -212,7 +219,6 @@ def test_concurrent_drafts_are_drawn_together_in_their_forward_and_match_running
             dict(method="base", temperature=1.3, seed=2), dict(method="base", temperature=0, seed=3),
             dict(method="spec", weights={"N": 1.0}, top_p=0.8, seed=4), dict(method="scr", weights={"E": 1.0}, seed=5)]
     alone = [fast.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **j).token_ids for j in jobs]
-    out: dict[int, list[int]] = {}
     sizes: list[int] = []
     draw_calls = b.draw_calls
 
@@ -220,24 +226,11 @@ def test_concurrent_drafts_are_drawn_together_in_their_forward_and_match_running
         sizes.append(len(calls))
         draw_calls(calls)
 
-    def run(i):
-        out[i] = batched.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **jobs[i]).token_ids
-
     b.draw_calls = counted
     try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-        with b.paused():
-            for t in threads:
-                t.start()
-            deadline = time.time() + 30
-            while b.waiting < len(jobs):
-                assert time.time() < deadline, "threads did not queue their calls"
-                time.sleep(0.01)
-        for t in threads:
-            t.join(timeout=120)
+        assert _concurrently(batched, jobs) == alone
     finally:
         del b.draw_calls
-    assert [out[i] for i in range(len(jobs))] == alone
     assert max(sizes) >= 3                  # several generations' drafts in one forward, drawn at once
 
 
