@@ -3,11 +3,12 @@
 Most of a busy server's calls are one-token steps of the reference alone: SCR's and spec's drafts
 (k of every k + 1 calls) and the `base` method. Each needs the same small program on the
 reference's logits at one position: temperature, the top-k / top-p support, log-probs on it
-(the proposal q), a draw. Run by every generation on its own, that is ~20 tensor operations and
+(the proposal q), a draw. Run by every generation on its own, that is 37 tensor operations and
 2 read-backs per generation per step, each a kernel launch or a wait for the stream on a GPU
 (docs/bench/gpu.md: at 64 clients the generations' own work was 37% of the time). `draw_next`
-runs it for all rows of one forward at once (vLLM's sampler does the same for its requests):
-the same number of operations for 64 rows as for one, and two read-backs in all.
+runs it for all rows of one forward at once (vLLM's sampler does the same for its requests): one
+set of operations for all rows, plus a `rand` from each row's generator and the views that hand
+each row its result (64 rows: 358 operations against 2,368, bench/draws.py), and two read-backs.
 
 A row's result does not depend on its company. Rows are grouped by kind (no truncation; top-p;
 top-k, which runs row by row) and, for top-p, by the prefix of most likely tokens that holds
@@ -33,7 +34,7 @@ from .targets import TOP_P_PREFIXES, Target, log_probs_on_support
 
 #: on CPU, rows are drawn in passes of at most this many: a pass's [rows, V] temporaries then stay
 #: small enough for the caches and the allocator's free lists (64 rows of the default model's
-#: vocabulary at once took 33-36 ms on one core, in passes of 16 22 ms, one by one 27-42 ms:
+#: vocabulary on one core: at once 17-46 ms, in passes of 16 20-31 ms, one by one 31-46 ms, runs of
 #: bench/draws.py). Other devices draw every row in one pass (there the count of operations is the cost).
 CPU_ROWS_PER_PASS = 16
 
@@ -51,8 +52,8 @@ class Draw:
 @dataclass(frozen=True, eq=False)
 class Drawn:
     """A draw's outcome: the token (a vocabulary id), the reference's log-probs on the support
-    [U] (the proposal q; -inf nowhere on it) and the support's vocabulary ids [U] (ascending;
-    None: the whole vocabulary, U = V). `error`: why nothing could be drawn (token -1)."""
+    [U] (the proposal q) and the support's vocabulary ids [U] (ascending; None: the whole
+    vocabulary, U = V). `error`: why nothing could be drawn (token -1)."""
 
     token: int
     logq: torch.Tensor
