@@ -8,7 +8,7 @@ reference's logits at one position: temperature, the top-k / top-p support, log-
 (docs/bench/gpu.md: at 64 clients the generations' own work was 37% of the time). `draw_next`
 runs it for all rows of one forward at once (vLLM's sampler does the same for its requests): one
 set of operations for all rows, plus a `rand` from each row's generator and the views that hand
-each row its result (64 rows: 358 operations against 2,368, bench/draws.py), and two read-backs.
+each row its result (64 rows: 359 operations against 2,368, bench/draws.py), and two read-backs.
 
 A row's result does not depend on its company. Rows are grouped by kind (no truncation; top-p;
 top-k, which runs row by row) and, for top-p, by the prefix of most likely tokens that holds
@@ -111,8 +111,7 @@ def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | 
         width = g.logp.shape[-1]
         for r, (b, n) in enumerate(zip(g.rows, g.sizes)):
             token = tokens[at + r]
-            error = None if token >= 0 else PersonamixError(
-                f"cannot sample: the distribution's mass is {float(total[r])} (non-finite logits?)")
+            error = None if token >= 0 else no_mass(total[r])
             logq, ids = g.logp[r], None if g.ids is None else g.ids[r]
             if n < width:
                 logq, ids = logq[:n], ids[:n]
@@ -186,28 +185,44 @@ def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros((), device=device, dtype=dtype)
 
 
+def inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Draws by inverse CDF: for cumulative masses `cdf` [..., m] and uniforms u [..., n] in [0, 1),
+    the first column whose cumulative mass exceeds u times the row's total [..., n]. Never a
+    zero-probability column; past the last one only where the mass is not `usable`, and then
+    clamped to it, so that indexing with the result stays in bounds."""
+    total = cdf[..., -1:]                                                            # [..., 1]
+    x = torch.minimum(u * total, torch.nextafter(total, _zero(cdf.device, cdf.dtype)))   # < total despite rounding
+    return torch.searchsorted(cdf, x, right=True).clamp_max_(cdf.shape[-1] - 1)
+
+
+def usable(total: torch.Tensor) -> torch.Tensor:
+    """Whether a distribution of this total mass can be sampled: finite and > 0 (bool)."""
+    return (total > 0) & (total < math.inf)
+
+
+def no_mass(total: torch.Tensor) -> PersonamixError:
+    return PersonamixError(f"cannot sample: the distribution's mass is {float(total)} (non-finite logits?)")
+
+
 def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor]:
     """The group's tokens (vocabulary ids; -1 where a row's mass cannot be sampled) and its rows'
-    total masses, without a read-back. Inverse CDF, as samplers.common._draw: each row's uniform
-    comes from its own generator, so a generation's random stream is its own."""
+    total masses, without a read-back. Each row's uniform comes from its own generator, so a
+    generation's random stream is its own; a row's draw lands on its support (its cdf reaches the
+    total there and stays, past it are zeros)."""
     dev = g.logp.device
     greedy = [draws[b].greedy for b in g.rows]
     cdf = g.logp.exp().cumsum(-1)                                                   # [b, m]
-    total = cdf[:, -1]                                                              # [b] (past a support: + 0)
     u = [torch.zeros(1, device=dev, dtype=cdf.dtype) if gr else
          torch.rand(1, generator=draws[b].rng, device=dev, dtype=cdf.dtype) for b, gr in zip(g.rows, greedy)]
-    u = (u[0] if len(u) == 1 else torch.cat(u)) * total
-    u = torch.minimum(u, torch.nextafter(total, _zero(dev, total.dtype)))         # u < total despite rounding
-    # the first column whose cumulative mass exceeds u: on the row's support (its cdf reaches the
-    # total there and stays), past it only where the mass is not usable (clamped: in bounds)
-    i = torch.searchsorted(cdf, u.view(-1, 1), right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)   # [b]
-    usable = (total > 0) & (total < math.inf)
+    i = inverse_cdf(cdf, (u[0] if len(u) == 1 else torch.cat(u)).view(-1, 1)).squeeze(1)   # [b]
+    total = cdf[:, -1]                                                              # [b]
+    ok = usable(total)
     if any(greedy):
         flag = torch.tensor(greedy, device=dev)
         i = torch.where(flag, g.logp.argmax(-1), i)
-        usable = usable | flag
+        ok = ok | flag
     token = i if g.ids is None else g.ids.gather(1, i.view(-1, 1)).squeeze(1)
-    return torch.where(usable, token, -1), total
+    return torch.where(ok, token, -1), total
 
 
-__all__ = ["CPU_ROWS_PER_PASS", "Draw", "Drawn", "draw_next"]
+__all__ = ["CPU_ROWS_PER_PASS", "Draw", "Drawn", "draw_next", "inverse_cdf", "no_mass", "usable"]

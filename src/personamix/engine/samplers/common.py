@@ -8,7 +8,7 @@ from collections import deque
 
 import torch
 
-from ...errors import PersonamixError
+from ..draws import inverse_cdf, no_mass, usable
 from ..session import Session
 from ..stats import Stats
 from ..targets import Target, aggregate, to_vocabulary, token_scores
@@ -22,31 +22,18 @@ ENGINE_PROPOSALS = 2   # measured fastest for token-rs of 1, 2, 4 (docs/scale-ou
 # per decision where they can, and never for what the host already knows (Target.can_clamp).
 
 def _draw(p: torch.Tensor, n: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draw` without its check: (draws [n], p's total mass, 0-d; see `_usable`)."""
+    """`draw` without its check: (draws [n], p's total mass, 0-d; see `usable`)."""
     cdf = p.cumsum(0)
-    total = cdf[-1]
-    u = torch.rand(n, generator=rng, device=p.device, dtype=cdf.dtype) * total
-    u.clamp_max_(torch.nextafter(total, torch.zeros_like(total)))   # u < total even where rounding says otherwise
-    # the first index whose cumulative mass exceeds u: never a zero-probability token (past the end
-    # only where the mass is not usable: clamped, so that indexing with it stays in bounds)
-    return torch.searchsorted(cdf, u, right=True).clamp_max_(p.shape[0] - 1), total
-
-
-def _usable(total: torch.Tensor) -> torch.Tensor:
-    """Whether a distribution of this total mass can be sampled: finite and > 0 (bool, 0-d)."""
-    return (total > 0) & (total < math.inf)
-
-
-def _no_mass(total: torch.Tensor) -> PersonamixError:
-    return PersonamixError(f"cannot sample: the distribution's mass is {float(total)} (non-finite logits?)")
+    u = torch.rand(n, generator=rng, device=p.device, dtype=cdf.dtype)
+    return inverse_cdf(cdf, u), cdf[-1]
 
 
 def draw(p: torch.Tensor, n: int, rng: torch.Generator) -> torch.Tensor:
     """n independent draws [n] from unnormalised probabilities `p` [V], by inverse CDF
     (torch.multinomial takes ~1 ms on a 49k vocabulary on CPU, this ~0.2 ms)."""
     i, total = _draw(p, n, rng)
-    if not bool(_usable(total)):
-        raise _no_mass(total)
+    if not bool(usable(total)):
+        raise no_mass(total)
     return i
 
 
@@ -59,9 +46,9 @@ def sample_token(logp: torch.Tensor, rng: torch.Generator, greedy: bool = False,
         i = logp.argmax().view(1)                                                      # [1]
         return int(i if ids is None else ids[i])
     i, total = _draw(logp.exp(), 1, rng)                                               # [1]
-    t = int(torch.where(_usable(total), i if ids is None else ids[i], -1))            # -1: nothing to sample
+    t = int(torch.where(usable(total), i if ids is None else ids[i], -1))            # -1: nothing to sample
     if t < 0:
-        raise _no_mass(total)
+        raise no_mass(total)
     return t
 
 
@@ -126,10 +113,10 @@ def rejection_sample_token(logp: torch.Tensor, target: Target, rng: torch.Genera
         ok = log_u < s[props] - log_m                                                 # [n]
         first = ok.float().argmax().view(1)                                           # [1] (0 when none passed)
         token = props[first] if ids is None else ids[props[first]]                    # [1]
-        usable, passed, first_i, token_i = torch.cat([_usable(total).view(1), ok.any().view(1), first,
-                                                      token]).tolist()
-        if not usable:
-            raise _no_mass(total)
+        has_mass, passed, first_i, token_i = torch.cat([usable(total).view(1), ok.any().view(1), first,
+                                                        token]).tolist()
+        if not has_mass:
+            raise no_mass(total)
         first_i = first_i if passed else n
         used = min(first_i + 1, n)
         tried += used
