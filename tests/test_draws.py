@@ -1,14 +1,14 @@
-"""The reference's next-token draws of many generations at once (engine/draws.py): each row gets
-what it would get alone, bit for bit, whatever its company; the same token and support as the
-samplers' one-row path; draws distributed as the truncated, tempered reference; two read-backs
-per pass."""
+"""The next-token draws of many generations at once (engine/draws.py), from the reference or from
+the token-level target p* of N+1 rows (`mixed`): each draw gets what it would get alone, bit for
+bit, whatever its company; the same token and support as the samplers' one-row path; draws
+distributed as the truncated, tempered reference; two read-backs per pass."""
 import pytest
 import torch
 
 from personamix import PersonamixError
 from personamix.engine.draws import Draw, draw_next
 from personamix.engine.samplers.common import sample_token
-from personamix.engine.targets import TOP_P_PREFIXES, Target, log_probs_on_support
+from personamix.engine.targets import TOP_P_PREFIXES, Target, column_of, log_probs_on_support, token_target
 from personamix.testing import SamplerWork, tv, tv_bound
 
 VOCAB = 49152
@@ -141,3 +141,84 @@ def test_greedy_rows_take_the_argmax_and_leave_their_generator_alone():
 def test_logits_and_requests_must_agree():
     with pytest.raises(ValueError, match="expected"):
         draw_next(torch.zeros(2, 5), [Draw(Target((), ()), torch.Generator())])
+
+
+#: "negative" sums below 0: where sum_i alpha_i r_i <= 0 on the whole support, every score is
+#: clamped and p* is the reference there, so drawn tokens carry the clamp flag too
+WEIGHTS = {"linear": (0.5, 0.3, 0.2), "negative": (0.3, -1.0, 0.1), "geometric": (0.6, 0.6, -0.2)}
+
+
+def _mixed_logits(draws: int, seed: int = 0) -> torch.Tensor:
+    """[draws, 4, V]: a reference of every top-p kind (as _logits) and 3 preference models near it."""
+    g = torch.Generator().manual_seed(seed + 100)
+    ref = _logits(draws, seed)
+    prefs = ref[:, None] + torch.randn(draws, 3, VOCAB, generator=g) * ref.std(-1, keepdim=True)[:, None] / 3
+    return torch.cat([ref[:, None], prefs], dim=1)
+
+
+def _mixed_draws(draws: int, seed: int, weights: str = "negative") -> list[Draw]:
+    agg = "geometric" if weights == "geometric" else "linear"
+    return [Draw(Target(("A", "B", "C"), WEIGHTS[weights], agg, **{k: v for k, v in d.target.__dict__.items()
+                                                                   if k in ("temperature", "top_k", "top_p")}),
+                 d.rng, d.greedy, mixed=True) for d in _draws(draws, seed)]
+
+
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+def test_a_mixed_draw_is_the_same_alone_and_in_any_company(weights):
+    """The `token` method's step (p* of N+1 rows): a seeded generation draws the same bits alone
+    or beside others with the same weights, whatever their temperature / top-p / top-k / greedy."""
+    x = _mixed_logits(12)
+    together = draw_next(x, _mixed_draws(12, 7, weights), rows_per_pass=12)
+    ds = _mixed_draws(12, 7, weights)
+    alone = [draw_next(x[r:r + 1], [ds[r]])[0] for r in range(12)]
+    assert all(_same(a, t) and a.clamped == t.clamped for a, t in zip(alone, together))
+    order = [5, 2, 11, 0, 7]
+    ds = _mixed_draws(12, 7, weights)
+    assert all(_same(alone[r], s) for r, s in zip(order, draw_next(x[order], [ds[r] for r in order])))
+
+
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+def test_a_mixed_draw_gives_the_one_row_paths_token_support_and_clamps(weights):
+    """Against the `token` sampler's former step over one generation: log_probs_on_support of the
+    N+1 rows, token_target (eq. 5), sample_token; the clamp flag is the clamped score's at the token."""
+    x = _mixed_logits(12, seed=2)
+    drawn = draw_next(x, _mixed_draws(12, 3, weights))
+    for r, d in enumerate(_mixed_draws(12, 3, weights)):
+        logp, ids = log_probs_on_support(x[r], d.target)                        # [4, U]
+        logp_star, _, clamped = token_target(logp, d.target)
+        t = sample_token(logp_star, d.rng, d.greedy, ids)
+        assert t == drawn[r].token
+        torch.testing.assert_close(drawn[r].logq, logp_star, rtol=0, atol=1e-5)
+        assert (ids is None) == (drawn[r].ids is None) and (ids is None or torch.equal(ids, drawn[r].ids))
+        flag = bool(clamped[column_of(ids, torch.tensor([t]))]) if d.target.can_clamp else False
+        assert drawn[r].clamped == flag
+    if weights == "negative":               # drawn tokens with and without the flag, or the check proves little
+        assert {d.clamped for d in drawn} == {True, False}
+
+
+def test_mixed_draws_read_back_as_often_as_the_references():
+    """Their clamp flags come back with their tokens; 12 generations' steps cost a fraction of 12 steps."""
+    x = _mixed_logits(12)
+    counted = {}
+    for rows in (1, 12):
+        for weights in ("linear", "negative"):
+            ds = _mixed_draws(rows, 7, weights)
+            ds = [Draw(d.target.__class__(**{**d.target.__dict__, "top_k": 0, "top_p": 0.9, "temperature": 0.7}),
+                       d.rng, False, True) for d in ds]
+            with SamplerWork() as work:
+                draw_next(x[:rows], ds, rows_per_pass=rows)
+            counted[rows, weights] = work
+    assert counted[1, "linear"].reads == counted[1, "negative"].reads == 2
+    assert counted[12, "negative"].reads == 4                      # three widths, then tokens with their flags
+    assert counted[12, "linear"].ops < 12 * counted[1, "linear"].ops / 3
+
+
+def test_mixed_draws_of_other_weights_or_rows_are_refused_together():
+    x = _mixed_logits(2)
+    ds = _mixed_draws(1, 0, "linear") + _mixed_draws(1, 0, "negative")
+    with pytest.raises(ValueError, match="one aggregation"):
+        draw_next(x, ds)
+    with pytest.raises(ValueError, match="expected"):
+        draw_next(x[:, 0], _mixed_draws(2, 0))                      # the reference's rows only
+    with pytest.raises(ValueError, match="expected"):
+        draw_next(x, _draws(2, 0))                                  # reference draws over N + 1 rows

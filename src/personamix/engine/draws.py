@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PersonamixError
-from .targets import TOP_P_PREFIXES, Target, log_probs_on_support
+from .targets import TOP_P_PREFIXES, Target, log_probs_on_support, token_target
 
 #: on CPU, rows are drawn in passes of at most this many: a pass's [rows, V] temporaries then stay
 #: small enough for the caches and the allocator's free lists (64 rows of the default model's
@@ -42,23 +42,41 @@ CPU_ROWS_PER_PASS = 16
 @dataclass(frozen=True, eq=False)
 class Draw:
     """One generation's request: the next token from the reference under `target`'s temperature
-    / top-k / top-p, drawn with `rng` (its argmax when `greedy`; then `rng` is not used)."""
+    / top-k / top-p, drawn with `rng` (its argmax when `greedy`; then `rng` is not used). `mixed`:
+    from the token-level target p* (eq. 5) instead, the N+1 rows' log-probs on the reference's
+    support aggregated with the target's weights (the `token` method's step)."""
 
     target: Target
     rng: torch.Generator
     greedy: bool = False
+    mixed: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Rows of logits the draw reads: the reference, and with `mixed` the N preference models."""
+        return 1 + len(self.target.weights) if self.mixed else 1
+
+    @property
+    def mix(self) -> tuple | None:
+        """What p*'s math needs beyond the support (None for the reference): draws with the same
+        `mix` aggregate with the same operations, so they can be drawn together."""
+        t = self.target
+        return (t.weights, t.aggregation, t.clamp_floor) if self.mixed else None
 
 
 @dataclass(frozen=True, eq=False)
 class Drawn:
     """A draw's outcome: the token (a vocabulary id), the reference's log-probs on the support
     [U] (the proposal q) and the support's vocabulary ids [U] (ascending; None: the whole
-    vocabulary, U = V). `error`: why nothing could be drawn (token -1)."""
+    vocabulary, U = V). `error`: why nothing could be drawn (token -1). A `mixed` draw's `logq`
+    is log p* on the support, and `clamped` whether the token's linear score hit the target's
+    floor (targets.aggregate; read back only where Target.can_clamp)."""
 
     token: int
     logq: torch.Tensor
     ids: torch.Tensor | None
     error: PersonamixError | None = None
+    clamped: bool = False
 
     def checked(self) -> Drawn:
         if self.error is not None:
@@ -70,44 +88,53 @@ class Drawn:
 class _Group:
     """Rows drawn by one set of operations: log-probs [b, m] on columns `ids` [b, m] (ascending,
     then the vocabulary size past a row's support; None: column = id, m = V), each row's support
-    size (`sizes`)."""
+    size (`sizes`); for mixed draws whether each column's score was clamped [b, m] (None: never)."""
 
     rows: list[int]
     logp: torch.Tensor
     ids: torch.Tensor | None
     sizes: list[int]
+    clamped: torch.Tensor | None = None
 
 
 def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | None = None) -> list[Drawn]:
-    """One token for each row of `logits` [B, V] (the reference at one position, row b for
-    draws[b]), in passes of `rows_per_pass` rows (None: CPU_ROWS_PER_PASS on CPU, all elsewhere).
-    A pass reads back once per top-p prefix tried (see the module docstring; none without top-p)
-    and once for all its tokens."""
-    if logits.dim() != 2 or logits.shape[0] != len(draws):
-        raise ValueError(f"logits {tuple(logits.shape)} for {len(draws)} draws: expected [B, V]")
+    """One token for each draw: `logits` [B, V] (the reference at one position, row b for
+    draws[b]), or [B, R, V] (each draw's R rows: for `mixed` draws the reference and its N
+    preference models, every draw with the same `mix`), in passes of `rows_per_pass` draws (None:
+    CPU_ROWS_PER_PASS on CPU, all elsewhere). A pass reads back once per top-p prefix tried (see
+    the module docstring; none without top-p) and once for all its tokens (and clamp flags)."""
+    x = logits.unsqueeze(1) if logits.dim() == 2 else logits                         # [B, R, V]
+    if (x.dim() != 3 or x.shape[0] != len(draws)
+            or any(d.rows != x.shape[1] or d.mix != draws[0].mix for d in draws)):
+        raise ValueError(f"logits {tuple(logits.shape)} for {len(draws)} draws: expected [B, V], or "
+                         "[B, N + 1, V] for mixed draws of one aggregation and one set of weights")
     if rows_per_pass is None:
-        rows_per_pass = CPU_ROWS_PER_PASS if logits.device.type == "cpu" else len(draws)
+        rows_per_pass = CPU_ROWS_PER_PASS if x.device.type == "cpu" else len(draws)
     if len(draws) > rows_per_pass:
         return [d for i in range(0, len(draws), rows_per_pass)
-                for d in draw_next(logits[i: i + rows_per_pass], draws[i: i + rows_per_pass], rows_per_pass)]
-    vocab = logits.shape[-1]
+                for d in draw_next(x[i: i + rows_per_pass], draws[i: i + rows_per_pass], rows_per_pass)]
+    vocab = x.shape[-1]
     whole = [b for b, d in enumerate(draws) if not d.target.top_k and d.target.top_p >= 1.0]
     top_p = [b for b, d in enumerate(draws) if not d.target.top_k and d.target.top_p < 1.0]
     groups = []
     if whole:
-        x = _scaled(logits, whole, draws)
-        groups.append(_Group(whole, torch.log_softmax(x, dim=-1), None, [vocab] * len(whole)))
+        x_whole, t = _picked(x, whole, draws)
+        groups.append(_group(whole, torch.log_softmax(_scaled(x_whole.float(), t), dim=-1), None,
+                             [vocab] * len(whole), draws))
     if top_p:
-        groups += _top_p_groups(_scaled(logits, top_p, draws), top_p, draws, vocab)
+        groups += _top_p_groups(*_picked(x, top_p, draws), top_p, draws, vocab)
     for b, d in enumerate(draws):
         if d.target.top_k:       # rare in practice: row by row, through the general path
-            logp, ids = log_probs_on_support(logits[b:b + 1], d.target)           # [1, U]
-            groups.append(_Group([b], logp, None if ids is None else ids[None], [logp.shape[-1]]))
-    tokens, totals = zip(*(_sample(g, draws) for g in groups))
-    tokens = (tokens[0] if len(tokens) == 1 else torch.cat(tokens)).tolist()       # the tokens' one read-back
+            logp, ids = log_probs_on_support(x[b], d.target)                             # [R, U]
+            groups.append(_group([b], logp[None], None if ids is None else ids[None], [logp.shape[-1]], draws))
+    sampled = [_sample(g, draws) for g in groups]
+    flags = [f for _, _, f in sampled if f is not None]
+    back = [t for t, _, _ in sampled] + flags
+    back = (back[0] if len(back) == 1 else torch.cat(back)).tolist()                # the pass's one read-back
+    tokens, flags = back[:len(draws)], iter(back[len(draws):])
     out: list[Drawn | None] = [None] * len(draws)
     at = 0
-    for g, total in zip(groups, totals):
+    for g, (_, total, flag) in zip(groups, sampled):
         width = g.logp.shape[-1]
         for r, (b, n) in enumerate(zip(g.rows, g.sizes)):
             token = tokens[at + r]
@@ -115,23 +142,40 @@ def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | 
             logq, ids = g.logp[r], None if g.ids is None else g.ids[r]
             if n < width:
                 logq, ids = logq[:n], ids[:n]
-            out[b] = Drawn(token, logq, ids, error)
+            out[b] = Drawn(token, logq, ids, error, bool(next(flags)) if flag is not None else False)
         at += len(g.rows)
     return out
 
 
 def _per_row(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
-    """One number for every row (no tensor to make), else a column [b, 1] (the same bits either way)."""
+    """One number for every row (no tensor to make), else one per row, shaped [b, 1, ...] to
+    broadcast over `like` (the same bits either way)."""
     if all(v == values[0] for v in values):
         return values[0]
-    return torch.tensor(values, device=like.device, dtype=like.dtype).view(-1, 1)
+    return torch.tensor(values, device=like.device, dtype=like.dtype).view(-1, *[1] * (like.dim() - 1))
 
 
-def _scaled(logits: torch.Tensor, rows: list[int], draws: Sequence[Draw]) -> torch.Tensor:
-    """logits[rows] / each row's temperature, in fp32: [b, V]."""
-    x = logits.float() if len(rows) == logits.shape[0] else logits[rows].float()
-    t = _per_row([draws[b].target.temperature for b in rows], x)
+def _picked(x: torch.Tensor, rows: list[int], draws: Sequence[Draw]) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """x[rows] [b, R, V] and their draws' temperatures (a number, or one per draw [b, 1, 1])."""
+    x = x if len(rows) == x.shape[0] else x[rows]
+    return x, _per_row([draws[b].target.temperature for b in rows], x)
+
+
+def _scaled(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """x / temperature t (x in fp32)."""
     return x if isinstance(t, float) and t == 1.0 else x / t
+
+
+def _group(rows: list[int], logp: torch.Tensor, ids: torch.Tensor | None, sizes: list[int],
+           draws: Sequence[Draw]) -> _Group:
+    """The draws `rows`, whose R rows' log-probs on their supports are logp [b, R, m]: a group
+    drawing from the reference (R = 1), or from p* (eq. 5: targets.token_target, which takes the
+    rows first: [R, b, m]) with its scores' clamp flags where the target can clamp."""
+    if logp.shape[1] == 1:
+        return _Group(rows, logp[:, 0], ids, sizes)
+    target = draws[rows[0]].target                     # its weights, aggregation, floor: every row's (`mix`)
+    logp_star, _, clamped = token_target(logp.transpose(0, 1), target)                  # [b, m]
+    return _Group(rows, logp_star, ids, sizes, clamped if target.can_clamp else None)
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,12 +184,16 @@ def _columns(m: int, device: torch.device) -> torch.Tensor:
     return torch.arange(m, device=device).view(1, -1)
 
 
-def _top_p_groups(x: torch.Tensor, rows: list[int], draws: Sequence[Draw], vocab: int) -> list[_Group]:
-    """The top-p rows' supports and log-probs: x [b, V] (scaled logits of `rows`). A row's support
-    is the shortest prefix of its most likely tokens whose mass reaches top_p (the first always
-    stays), as targets._support decides it; each row is computed at the width of the first
-    prefix (TOP_P_PREFIXES, then the whole vocabulary) that holds top_p, one group per width."""
-    probs = torch.softmax(x, dim=-1)                                                # [b, V]
+def _top_p_groups(x: torch.Tensor, t: float | torch.Tensor, rows: list[int], draws: Sequence[Draw],
+                  vocab: int) -> list[_Group]:
+    """The top-p draws' supports and log-probs: x [b, R, V] (the logits of `rows`), t their
+    temperatures. A draw's support is the shortest prefix of its reference's most likely tokens
+    whose mass reaches top_p (the first always stays), as targets._support decides it, imposed on
+    all its R rows; each draw is computed at the width of the first prefix (TOP_P_PREFIXES, then
+    the whole vocabulary) that holds top_p, one group per width. Only the reference's row is
+    scaled whole; the others on the support's columns only."""
+    t_ref = t if isinstance(t, float) else t[:, 0]                                  # [b, 1]
+    probs = torch.softmax(_scaled(x[:, 0].float(), t_ref), dim=-1)                  # [b, V] the reference's
     p_all = _per_row([draws[b].target.top_p for b in rows], probs)                  # a number, or [b, 1]
     pending = list(range(len(rows)))        # positions in `rows` still without a support
     groups = []
@@ -169,11 +217,16 @@ def _top_p_groups(x: torch.Tensor, rows: list[int], draws: Sequence[Draw], vocab
                 keep = torch.tensor(done, device=x.device)
                 order, n = order.index_select(0, keep), n.index_select(0, keep)
             at = [pending[i] for i in done]
-            drop = _columns(m, x.device) >= n.view(-1, 1)                           # [d, m] past each row's n
+            drop = _columns(m, x.device) >= n.view(-1, 1)                           # [d, m] past each draw's n
             ids = order.masked_fill(drop, vocab).sort(dim=-1).values                 # its ids ascending, then V
-            xs = x if len(at) == len(rows) else x.index_select(0, torch.tensor(at, device=x.device))
-            logp = torch.log_softmax(xs.gather(1, ids.clamp_max(vocab - 1)).masked_fill(drop, float("-inf")), dim=-1)
-            groups.append(_Group([rows[i] for i in at], logp, ids, [n_list[i] for i in done]))
+            xs, ts = x, t
+            if len(at) < len(rows):
+                pick = torch.tensor(at, device=x.device)
+                xs, ts = x.index_select(0, pick), t if isinstance(t, float) else t.index_select(0, pick)
+            at_ids = ids.clamp_max(vocab - 1).unsqueeze(1)                            # [d, 1, m]
+            on = xs.gather(2, at_ids if xs.shape[1] == 1 else at_ids.expand(-1, xs.shape[1], -1))   # [d, R, m]
+            logp = torch.log_softmax(_scaled(on.float(), ts).masked_fill(drop.unsqueeze(1), float("-inf")), dim=-1)
+            groups.append(_group([rows[i] for i in at], logp, ids, [n_list[i] for i in done], draws))
         pending = [pending[i] for i, k in enumerate(n_list) if k < 0]
         if not pending:
             break
@@ -204,11 +257,12 @@ def no_mass(total: torch.Tensor) -> PersonamixError:
     return PersonamixError(f"cannot sample: the distribution's mass is {float(total)} (non-finite logits?)")
 
 
-def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's tokens (vocabulary ids; -1 where a row's mass cannot be sampled) and its rows'
-    total masses, without a read-back. Each row's uniform comes from its own generator, so a
-    generation's random stream is its own; a row's draw lands on its support (its cdf reaches the
-    total there and stays, past it are zeros)."""
+def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The group's tokens (vocabulary ids; -1 where a row's mass cannot be sampled), its rows'
+    total masses, and whether each token's score was clamped (None where the group cannot clamp),
+    without a read-back. Each row's uniform comes from its own generator, so a generation's random
+    stream is its own; a row's draw lands on its support (its cdf reaches the total there and
+    stays, past it are zeros)."""
     dev = g.logp.device
     greedy = [draws[b].greedy for b in g.rows]
     cdf = g.logp.exp().cumsum(-1)                                                   # [b, m]
@@ -222,7 +276,8 @@ def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tenso
         i = torch.where(flag, g.logp.argmax(-1), i)
         ok = ok | flag
     token = i if g.ids is None else g.ids.gather(1, i.view(-1, 1)).squeeze(1)
-    return torch.where(ok, token, -1), total
+    clamped = None if g.clamped is None else g.clamped.gather(1, i.view(-1, 1)).squeeze(1).long()
+    return torch.where(ok, token, -1), total, clamped
 
 
 __all__ = ["CPU_ROWS_PER_PASS", "Draw", "Drawn", "draw_next", "inverse_cdf", "no_mass", "usable"]
