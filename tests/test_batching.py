@@ -210,20 +210,26 @@ def _concurrently(gen, jobs: list[dict]) -> list[list[int]]:
     return [out.get(i) for i in range(len(jobs))]
 
 
-def test_concurrent_drafts_are_drawn_together_in_their_forward_and_match_running_alone(pair):
-    """The reference's draws of every generation in a forward are made at once after it (engine/
-    draws.py), whatever each one's temperature / top-p / greedy: each gets what it gets alone."""
+def test_concurrent_draws_are_made_together_in_their_forward_and_match_running_alone(pair):
+    """The draws of every generation in a forward are made at once after it (engine/draws.py):
+    the reference's (drafts, `base`) whatever each one's temperature / top-p / greedy, and the
+    `token` steps' p* per set of weights. Each generation gets what it gets alone."""
     batched, fast = pair
     b = batched.backend
     jobs = [dict(method="scr", weights={"T": 0.5, "E": 0.5}, temperature=0.7, top_p=0.9, seed=1),
             dict(method="base", temperature=1.3, seed=2), dict(method="base", temperature=0, seed=3),
-            dict(method="spec", weights={"N": 1.0}, top_p=0.8, seed=4), dict(method="scr", weights={"E": 1.0}, seed=5)]
+            dict(method="spec", weights={"N": 1.0}, top_p=0.8, seed=4), dict(method="scr", weights={"E": 1.0}, seed=5),
+            dict(method="token", weights={"E": 1.0, "N": -0.5}, temperature=0.8, seed=6),
+            dict(method="token", weights={"E": 1.0, "N": -0.5}, top_p=0.9, seed=7),
+            dict(method="token", weights={"E": 1.0, "N": -0.5}, temperature=0, seed=8),
+            dict(method="token", weights={"E": 0.5, "N": 0.5}, aggregation="geometric", seed=9)]
     alone = [fast.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **j).token_ids for j in jobs]
-    sizes: list[int] = []
+    sizes: dict[bool, list[int]] = {False: [], True: []}
     draw_calls = b.draw_calls
 
     def counted(calls):
-        sizes.append(len(calls))
+        for mixed in (False, True):
+            sizes[mixed].append(sum(c.draw.mixed == mixed for c in calls))
         draw_calls(calls)
 
     b.draw_calls = counted
@@ -231,7 +237,7 @@ def test_concurrent_drafts_are_drawn_together_in_their_forward_and_match_running
         assert _concurrently(batched, jobs) == alone
     finally:
         del b.draw_calls
-    assert max(sizes) >= 3                  # several generations' drafts in one forward, drawn at once
+    assert max(sizes[False]) >= 3 and max(sizes[True]) >= 3      # several generations' draws in one forward
 
 
 def test_an_error_reaches_every_call_of_the_batch_and_the_backend_goes_on(pair):

@@ -567,9 +567,9 @@ class BatchingBackend(Backend):
 
     def forward_draw(self, tokens: torch.Tensor, cache, names: Sequence[str],
                      draw: Draw) -> tuple[Drawn, torch.Tensor, int]:
-        """The reference's next token, drawn after the forward together with every other call's
-        draw in it (`draw_calls`)."""
-        call = self.call("ref", tokens, cache, 1, names)
+        """The reference's (or, for a mixed draw, p*'s) next token, drawn after the forward together
+        with every other call's draw in it (`draw_calls`)."""
+        call = self.call("all" if draw.mixed else "ref", tokens, cache, 1, names)
         call.draw = draw
         self._submit([call])
         return call.drawn, call.logits, 1
@@ -677,13 +677,17 @@ class BatchingBackend(Backend):
                 c.error = e
 
     def draw_calls(self, calls: list[Call]) -> None:
-        """Every drawing call's token at once, from its logits (draws.draw_next: the same
+        """Every drawing call's token, from its logits: the reference's draws at once, and the
+        mixed draws at once per aggregation and set of weights (draws.draw_next: the same
         operations for all of them as for one, and one read-back for their tokens)."""
-        if not calls:
-            return
-        logits = calls[0].logits[:, -1] if len(calls) == 1 else torch.stack([c.logits[0, -1] for c in calls])
-        for c, drawn in zip(calls, draw_next(logits, [c.draw for c in calls])):
-            c.drawn = drawn
+        kinds: dict[tuple | None, list[Call]] = {}
+        for c in calls:
+            kinds.setdefault(c.draw.mix, []).append(c)
+        for same in kinds.values():
+            rows = [c.logits[:, -1] for c in same]                                  # [R, V] each
+            logits = rows[0][None] if len(rows) == 1 else torch.stack(rows)         # [B, R, V]
+            for c, drawn in zip(same, draw_next(logits, [c.draw for c in same])):
+                c.drawn = drawn
 
     def _restore_prefixes(self, calls: list[Call], cache: PrefixCache) -> None:
         """Calls over an empty cache (prompts) start after the longest prefix cached for all

@@ -10,7 +10,8 @@ preference models. A sampler works on *groups* of rows that advance together:
 A `Session` holds one cache per group for one generation. `logits(group, seq, n)` returns
 the logits after the last n tokens of `seq`, feeding only what the cache lacks and rolling
 back what it holds beyond the shared prefix (a rejected draft); `draw(seq, target, rng)` the
-reference's next token after `seq`, drawn by the backend with that forward (draws.py). Nothing
+reference's (or the target p*'s) next token after `seq`, drawn by the backend with that forward
+(draws.py). Nothing
 else touches a model: a backend implements `Backend` (new_cache, forward, crop) and every sampler
 runs on it, whether the models are in this process (backends/) or behind a server.
 """
@@ -101,11 +102,11 @@ class Backend(ABC):
 
     def forward_draw(self, tokens: torch.Tensor, cache: object, names: Sequence[str],
                      draw: Draw) -> tuple[Drawn, torch.Tensor, int]:
-        """A "ref" call for the next token only, drawn here (draws.draw_next): (the draw, the
-        logits [1, 1, V], forward passes). A backend that shares forwards draws the tokens of all
-        the calls in one forward at once."""
-        logits, passes = self.forward("ref", tokens, cache, 1, names)
-        return draw_next(logits[:, -1], [draw])[0], logits, passes
+        """A call for the next token only, drawn here (draws.draw_next): of the "ref" group, or of
+        "all" for a `mixed` draw (from p*). Returns (the draw, the logits [rows, 1, V], forward
+        passes). A backend that shares forwards draws the tokens of all the calls in one forward at once."""
+        logits, passes = self.forward("all" if draw.mixed else "ref", tokens, cache, 1, names)
+        return draw_next(logits[:, -1].unsqueeze(0) if draw.mixed else logits[:, -1], [draw])[0], logits, passes
 
     def forward_together(self, calls: Sequence[tuple[Group, torch.Tensor, object, int]],
                          names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
@@ -224,20 +225,23 @@ class Session:
             out[i] = lg
         return out
 
-    def draw(self, seq: Sequence[int], target: Target, rng: torch.Generator, greedy: bool = False) -> Drawn:
+    def draw(self, seq: Sequence[int], target: Target, rng: torch.Generator, greedy: bool = False,
+             mixed: bool = False) -> Drawn:
         """The reference's next token after `seq` under the target's temperature / top-k / top-p
-        (its argmax when `greedy`), with the proposal's log-probs on the support
-        (draws.Drawn). The backend draws it in the forward that computes the logits, together
-        with every other generation's draw there (Backend.forward_draw); logits the memo still
-        holds (a rolled-back draft's) are drawn from here, by the same function."""
-        request = Draw(target, rng, greedy)
-        logits = self._from_cache("ref", seq, 1)
+        (its argmax when `greedy`), with the proposal's log-probs on the support (draws.Drawn);
+        with `mixed`, the next token from the token-level target p* (eq. 5) of all N+1 rows
+        instead. The backend draws it in the forward that computes the logits, together with
+        every other generation's draw there (Backend.forward_draw); logits the memo still holds
+        (a rolled-back draft's) are drawn from here, by the same function."""
+        request = Draw(target, rng, greedy, mixed)
+        group = "all" if mixed else "ref"
+        logits = self._from_cache(group, seq, 1)
         if logits is not None:
-            return draw_next(logits[:, -1], [request])[0].checked()
-        drawn, logits, passes = self.backend.forward_draw(self._new_tokens("ref", seq), self._caches["ref"],
+            return draw_next(logits[:, -1].unsqueeze(0) if mixed else logits[:, -1], [request])[0].checked()
+        drawn, logits, passes = self.backend.forward_draw(self._new_tokens(group, seq), self._caches[group],
                                                           self.names, request)
         self._count_forward(passes)
-        self._remember("ref", seq, 1, logits)
+        self._remember(group, seq, 1, logits)
         return drawn.checked()
 
     def _new_tokens(self, group: Group, seq: Sequence[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, log_probs_on_support, token_target, vocab_id
+from ..targets import Target, log_probs_on_support
 from .common import rejection_sample_token, window_rejection_token
 
 
@@ -34,14 +34,12 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
             seq.append(t)
             yield [t]
     while True:
-        logp, ids = log_probs_on_support(session.logits("all", seq)[:, -1], target)   # [N+1, U]: the support's ids
-        if params.greedy:
-            logp_star, _, clamped = token_target(logp, target)
-            u = int(logp_star.argmax())
-            if target.can_clamp:
-                stats.clamps += int(clamped[u])
-            t = vocab_id(ids, u)
+        if params.greedy:                 # argmax p*: the `token` method's greedy step (draws.py)
+            drawn = session.draw(seq, target, rng, greedy=True, mixed=True)
+            stats.clamps += drawn.clamped
+            t = drawn.token
         else:
+            logp, ids = log_probs_on_support(session.logits("all", seq)[:, -1], target)   # [N+1, U]: the support's ids
             t, tried, ok = rejection_sample_token(logp, target, rng, params.max_retries, stats, ids)
             stats.proposals += tried
             stats.accepted += ok
