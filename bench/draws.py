@@ -1,15 +1,17 @@
-"""The reference's next-token draws of B generations: one by one (each generation's sampler on its
-own, as before engine/draws.py) against `draw_next` over all B rows at once (what the batched
-backend now does after a forward). Counted: tensor operations (on a GPU each a kernel launch or
-more, issued under the GIL) and read-backs to the host (each a wait for the stream), per forward
-of B drafting generations; timed: milliseconds on this CPU (one thread, as a generation thread),
-or on a GPU with `--device cuda` (each call synchronised).
+"""The next-token draws of B generations: one by one (each generation's sampler on its own, as
+before engine/draws.py) against `draw_next` over all B at once (what the batched backend does
+after a forward). Two kinds: the reference's (SCR's and spec's drafts, `base`) and the `token`
+method's step, p* (eq. 5) of the reference and N preference models (`mixed` draws). Counted:
+tensor operations (on a GPU each a kernel launch or more, issued under the GIL) and read-backs to
+the host (each a wait for the stream), per forward of B generations; timed: milliseconds on this
+CPU (one thread, as a generation thread), or on a GPU with `--device cuda` (each call synchronised).
 
     python bench/draws.py [--rows 1 4 16 64] [--top-p 0.9] [--temperature 0.7] [--repeats 20]
-                          [--device cpu] [--out docs/bench/draws.md]
+                          [--kinds reference token] [--device cpu] [--out docs/bench/draws.md]
 
-Logits: the default model's, at the last 64 positions of a chat prompt (real next-token
-distributions, peaked and flat), row b at position b mod 64.
+Logits: the default model's with the shipped MBTI adapters E, N, T, J (equal weights, linear), at
+the last 64 positions of a chat prompt (real next-token distributions, peaked and flat), draw b
+at position b mod 64.
 """
 from __future__ import annotations
 
@@ -23,11 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from personamix import Generator
 from personamix.engine.draws import CPU_ROWS_PER_PASS, Draw, draw_next
 from personamix.engine.samplers.common import sample_token
-from personamix.engine.targets import Target, log_probs_on_support
-from personamix.loading import DEFAULT_MODEL, load_reference
+from personamix.engine.session import Session
+from personamix.engine.targets import Target, log_probs_on_support, token_target
 from personamix.testing import SamplerWork
+
+NAMES = ("E", "N", "T", "J")
 
 PROMPT = ("<|im_start|>user\nHow would you spend a free Saturday, and what would you do if the plan "
           "changed at the last minute?<|im_end|>\n<|im_start|>assistant\nI would start the day with a long "
@@ -36,16 +41,21 @@ PROMPT = ("<|im_start|>user\nHow would you spend a free Saturday, and what would
 
 
 def model_logits(device: torch.device) -> torch.Tensor:
-    model, tok = load_reference(DEFAULT_MODEL, device)
-    ids = tok(PROMPT, return_tensors="pt").input_ids.to(device)
-    with torch.inference_mode():
-        return model(ids).logits[0, -64:].float()                                   # [64, V]
+    """[64, 1 + N, V]: the reference's and the preference models' logits at 64 positions."""
+    gen = Generator.from_pretrained(adapters="mbti", backend="fast", device=device)
+    ids = gen.tokenizer(PROMPT).input_ids
+    with torch.inference_mode(), Session(gen.backend, NAMES) as session:
+        return session.logits("all", ids, 64).float().transpose(0, 1).contiguous()
 
 
 def one_by_one(logits: torch.Tensor, draws: list[Draw]) -> list[int]:
+    """Each generation's former step: the samplers' one-draw path (drafts: log_probs_on_support,
+    sample_token; `token`: the same over N+1 rows, then token_target)."""
     out = []
     for b, d in enumerate(draws):
-        lq, ids = log_probs_on_support(logits[b:b + 1], d.target)
+        lq, ids = log_probs_on_support(logits[b], d.target)                            # [R, U]
+        if d.mixed:
+            lq = token_target(lq, d.target)[0][None]
         out.append(sample_token(lq[0], d.rng, d.greedy, ids))
     return out
 
@@ -60,7 +70,8 @@ def one_pass(logits: torch.Tensor, draws: list[Draw]) -> list[int]:
 
 
 def requests(rows: int, target: Target, seed: int, device: torch.device) -> list[Draw]:
-    return [Draw(target, torch.Generator(device=device).manual_seed(seed + b)) for b in range(rows)]
+    return [Draw(target, torch.Generator(device=device).manual_seed(seed + b), mixed=bool(target.names))
+            for b in range(rows)]
 
 
 def measure(f, logits: torch.Tensor, target: Target, repeats: int) -> tuple[float, float, float, list[int]]:
@@ -82,6 +93,7 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--kinds", nargs="+", choices=("reference", "token"), default=["reference", "token"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -89,26 +101,29 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(1)
     base = model_logits(device)
-    target = Target((), (), temperature=a.temperature, top_p=a.top_p)
     lines = [f"Default model's logits at the last {base.shape[0]} positions of a chat prompt; temperature "
              f"{a.temperature}, top-p {a.top_p}; device {device}"
              f"{' (one thread)' if device.type == 'cpu' else ''}, torch {torch.__version__}, {platform.machine()}, "
              f"{os.cpu_count()} cores. draw_next in one pass is what a GPU runs; on CPU it runs in passes of "
-             f"{CPU_ROWS_PER_PASS} rows.", "",
-             "| rows B | one by one: ops | read-backs | ms | draw_next, one pass: ops | read-backs | ms "
-             f"| draw_next, its passes on {device.type}: ms | ops ratio (one pass) | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for rows in a.rows:
-        logits = base[torch.arange(rows) % base.shape[0]]
-        o1, r1, t1, k1 = measure(one_by_one, logits, target, a.repeats)
-        o2, r2, t2, k2 = measure(one_pass, logits, target, a.repeats)
-        _, _, t3, k3 = measure(together, logits, target, a.repeats)
-        lines.append(f"| {rows} | {o1} | {r1} | {t1:.2f} | {o2} | {r2} | {t2:.2f} | {t3:.2f} | {o1 / o2:.1f}x | "
-                     f"{'yes' if k1 == k2 == k3 else 'NO'} |")
+             f"{CPU_ROWS_PER_PASS} draws.", "",
+             "| draws | generations B | one by one: ops | read-backs | ms | draw_next, one pass: ops | read-backs "
+             f"| ms | draw_next, its passes on {device.type}: ms | ops ratio (one pass) | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in a.kinds:
+        mixed = kind == "token"
+        target = Target(NAMES if mixed else (), (0.25,) * 4 if mixed else (), temperature=a.temperature, top_p=a.top_p)
+        what = f"`token` step, p* of 1 + {len(NAMES)} rows" if mixed else "reference"
+        for rows in a.rows:
+            logits = base[torch.arange(rows) % base.shape[0], :None if mixed else 1]   # [B, 1 + N or 1, V]
+            o1, r1, t1, k1 = measure(one_by_one, logits, target, a.repeats)
+            o2, r2, t2, k2 = measure(one_pass, logits, target, a.repeats)
+            _, _, t3, k3 = measure(together, logits, target, a.repeats)
+            lines.append(f"| {what} | {rows} | {o1} | {r1} | {t1:.2f} | {o2} | {r2} | {t2:.2f} | {t3:.2f} | "
+                         f"{o1 / o2:.1f}x | {'yes' if k1 == k2 == k3 else 'NO'} |")
     print("\n".join(lines))
     if a.out:
         with open(a.out, "w") as f:
-            f.write("# The reference's draws: one by one vs all rows at once\n\n"
+            f.write("# Next-token draws: one by one vs all generations at once\n\n"
                     f"Command: `python bench/draws.py {' '.join(sys.argv[1:])}`\n\n" + "\n".join(lines) + "\n")
 
 

@@ -1,8 +1,8 @@
-"""The load test's 16 clients without HTTP: concurrent SCR generations in threads of one process,
-over the batched backend, with the load test's prompts, personas and settings (32 new tokens,
-temperature 0.7, top-p 0.9, own seeds, prefix cache on). What the server's forwards and the
-generations' turns between them cost, without the event loop, the SSE streams and the load
-generator on the same cores (docs/batching.md, "The packed forward's Python").
+"""The load test's 16 clients without HTTP: concurrent SCR generations (`--method`: another
+sampler) in threads of one process, over the batched backend, with the load test's prompts,
+personas and settings (32 new tokens, temperature 0.7, top-p 0.9, own seeds, prefix cache on).
+What the server's forwards and the generations' turns between them cost, without the event
+loop, the SSE streams and the load generator on the same cores (docs/batching.md, "The packed forward's Python").
 
 Prints per level: tokens/s, forwards, ms per forward, row-tokens per forward, the shares of the
 level in forwards and in the gather wait, the process's context switches and minor page faults per
@@ -15,8 +15,8 @@ likewise switches the LoRA deltas between PyTorch's matmuls and the CPU kernel (
 `--pointwise torch kernel` the decoder's norms, rotary embeddings and SiLU between PyTorch's ops
 and the CPU kernels (cpu_pointwise.py).
 
-    python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--model-forward] [--pools zeroed unfilled]
-                                   [--lora torch kernel] [--pointwise torch kernel]
+    python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--method scr] [--model-forward]
+                                   [--pools zeroed unfilled] [--lora torch kernel] [--pointwise torch kernel]
 """
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ class TimedTurns(Turns):
         super().give()
 
 
+METHOD = "scr"   # --method
+
+
 def request(gen: Generator, i: int, seed: int) -> int:
-    params = SamplingParams(max_new_tokens=32, persona=PERSONAS[i % len(PERSONAS)], method="scr", seed=seed,
+    params = SamplingParams(max_new_tokens=32, persona=PERSONAS[i % len(PERSONAS)], method=METHOD, seed=seed,
                             temperature=0.7, top_p=0.9)
     stream = gen.stream([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], params)
     for _ in stream:
@@ -105,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--method", default="scr", choices=["scr", "token", "token-rs", "spec", "base"],
+                    help="every client's sampling method (the load test's: scr)")
     ap.add_argument("--model-forward", action="store_true",
                     help="packed forwards through the model's own forward, not decoder.py")
     ap.add_argument("--pools", nargs="+", choices=["default", "zeroed", "unfilled"], default=["default"],
@@ -114,6 +119,8 @@ def main() -> None:
     ap.add_argument("--pointwise", nargs="+", choices=["default", "torch", "kernel"], default=["default"],
                     help="run each level once per path of the decoder's pointwise steps, in turn")
     a = ap.parse_args()
+    global METHOD
+    METHOD = a.method
     quiet()
     gen = Generator.from_pretrained(adapters="mbti", backend="batched")
     b = gen.backend
@@ -126,7 +133,7 @@ def main() -> None:
     warm.start()
     warm.join()                                  # every prompt cached, as in the load test's warm-up
     print(f"batched backend, packed forwards through {'decoder.py' if b.decoder else 'the model'}; "
-          f"{a.requests} requests per client, {os.cpu_count()} CPU cores")
+          f"method {METHOD}, {a.requests} requests per client, {os.cpu_count()} CPU cores")
     if "kernel" in a.lora and not b.lora.rows.kernel:
         raise SystemExit("--lora kernel: this backend's LoRA deltas do not run on the CPU kernel "
                          f"({cpu_lora.lora_problem(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))})")
