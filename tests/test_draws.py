@@ -7,7 +7,8 @@ import torch
 
 from personamix import PersonamixError
 from personamix.engine.draws import Draw, draw_next
-from personamix.engine.samplers.common import sample_token
+from personamix.engine.samplers.common import rejection_sample_token, sample_token
+from personamix.engine.stats import Stats
 from personamix.engine.targets import TOP_P_PREFIXES, Target, column_of, log_probs_on_support, token_target
 from personamix.testing import SamplerWork, tv, tv_bound
 
@@ -171,7 +172,7 @@ def test_a_mixed_draw_is_the_same_alone_and_in_any_company(weights):
     together = draw_next(x, _mixed_draws(12, 7, weights), rows_per_pass=12)
     ds = _mixed_draws(12, 7, weights)
     alone = [draw_next(x[r:r + 1], [ds[r]])[0] for r in range(12)]
-    assert all(_same(a, t) and a.clamped == t.clamped for a, t in zip(alone, together))
+    assert all(_same(a, t) and a.clamps == t.clamps for a, t in zip(alone, together))
     order = [5, 2, 11, 0, 7]
     ds = _mixed_draws(12, 7, weights)
     assert all(_same(alone[r], s) for r, s in zip(order, draw_next(x[order], [ds[r] for r in order])))
@@ -191,9 +192,9 @@ def test_a_mixed_draw_gives_the_one_row_paths_token_support_and_clamps(weights):
         torch.testing.assert_close(drawn[r].logq, logp_star, rtol=0, atol=1e-5)
         assert (ids is None) == (drawn[r].ids is None) and (ids is None or torch.equal(ids, drawn[r].ids))
         flag = bool(clamped[column_of(ids, torch.tensor([t]))]) if d.target.can_clamp else False
-        assert drawn[r].clamped == flag
+        assert drawn[r].clamps == flag
     if weights == "negative":               # drawn tokens with and without the flag, or the check proves little
-        assert {d.clamped for d in drawn} == {True, False}
+        assert {d.clamps for d in drawn} == {1, 0}
 
 
 def test_mixed_draws_read_back_as_often_as_the_references():
@@ -222,3 +223,50 @@ def test_mixed_draws_of_other_weights_or_rows_are_refused_together():
         draw_next(x[:, 0], _mixed_draws(2, 0))                      # the reference's rows only
     with pytest.raises(ValueError, match="expected"):
         draw_next(x, _draws(2, 0))                                  # reference draws over N + 1 rows
+
+
+def _rs_draws(draws: int, seed: int, weights: str, propose: int) -> list[Draw]:
+    return [Draw(d.target, d.rng, mixed=True, propose=propose) for d in _mixed_draws(draws, seed, weights)]
+
+
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+def test_a_token_rs_draw_is_the_same_alone_and_in_any_company(weights):
+    x = _mixed_logits(12)
+    together = draw_next(x, _rs_draws(12, 7, weights, 3), rows_per_pass=12)
+    ds = _rs_draws(12, 7, weights, 3)
+    alone = [draw_next(x[r:r + 1], [ds[r]])[0] for r in range(12)]
+    assert all(_same(a, t) and (a.clamps, a.proposals, a.accepted) == (t.clamps, t.proposals, t.accepted)
+               for a, t in zip(alone, together))
+    assert {d.accepted for d in together} == {True, False}          # both outcomes are compared
+
+
+@pytest.mark.parametrize("weights", sorted(WEIGHTS))
+def test_a_token_rs_draw_is_the_samplers_first_block(weights):
+    """The same proposals, uniforms and decision as common.rejection_sample_token's first block of
+    one generation: where it accepts, the same token, proposals tried and clamps, and the generator
+    left where the sampler leaves it; where it does not, no token and the whole block tried."""
+    propose = 3
+    x = _mixed_logits(12, seed=4)
+    mine = _rs_draws(12, 5, weights, propose)
+    drawn = draw_next(x, mine)
+    for r, d in enumerate(_rs_draws(12, 5, weights, propose)):
+        logp, ids = log_probs_on_support(x[r], d.target)
+        stats = Stats("token-rs")
+        t, tried, ok = rejection_sample_token(logp, d.target, d.rng, propose, stats, ids)
+        got = drawn[r].checked()
+        assert got.accepted == ok
+        if ok:
+            assert (got.token, got.proposals, got.clamps) == (t, tried, stats.clamps)
+            assert torch.equal(mine[r].rng.get_state(), d.rng.get_state())
+        else:                                  # the sampler went on to p* (max_retries = propose)
+            assert got.token == -1 and got.proposals == propose and stats.rs_exhausted == 1
+    assert {d.accepted for d in drawn} == {True, False}
+    if weights == "negative":
+        assert any(d.clamps for d in drawn)
+
+
+def test_a_token_rs_draw_needs_a_mixed_draw_that_is_not_greedy():
+    t = Target(("A",), (1.0,))
+    for kw in (dict(propose=2), dict(mixed=True, greedy=True, propose=2), dict(mixed=True, propose=-1)):
+        with pytest.raises(ValueError, match="propose"):
+            Draw(t, torch.Generator(), **kw)

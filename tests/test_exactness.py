@@ -23,6 +23,7 @@ EXACT_CASES = [
     ("token", "geometric", 2, {}),
     ("token-rs", "linear", 2, {}),
     ("token-rs", "geometric", 2, {}),
+    ("token-rs", "linear", 2, {"max_retries": 2}),   # the backend's first block, then the exhausted loop's p*
     ("spec", "linear", 3, {"k": 2}),
     ("spec", "geometric", 3, {"k": 2}),
     ("scr", "linear", 2, {"k": 1, "bound": "exact"}),

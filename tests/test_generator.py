@@ -3,6 +3,7 @@
 import pytest
 
 from personamix import Generator, PersonamixError, SamplingParams
+from personamix.engine.draws import RS_BLOCK
 from personamix.engine.session import Backend, Session
 from personamix.engine.targets import Target, log_probs, token_target
 
@@ -82,13 +83,17 @@ def test_eos_ends_generation(tiny_gen):
         assert r.finish_reason == "stop" and 3 not in r.token_ids and len(r.token_ids) < 60
 
 
-def test_acceptance_collapse_ends_within_the_retry_bound(tiny_gen):
+@pytest.mark.parametrize("retries", [4, 40])
+def test_acceptance_collapse_ends_within_the_retry_bound(tiny_gen, retries):
     """A target far from the reference: Token-RS hits its retry bound and falls back to an
-    exact draw instead of looping; SCR still emits a token per step."""
+    exact draw instead of looping; SCR still emits a token per step. With more retries than the
+    backend's first block (draws.RS_BLOCK) the sampler tries the rest itself."""
     weights = {"E": 40.0, "N": -40.0}
     r = tiny_gen.generate(PROMPT, method="token-rs", weights=weights, aggregation="geometric",
-                          max_new_tokens=10, seed=0, max_retries=4, ignore_eos=True)
-    assert len(r.token_ids) == 10 and r.stats.rs_exhausted > 0 and r.stats.proposals <= 40
+                          max_new_tokens=10, seed=0, max_retries=retries, ignore_eos=True)
+    assert len(r.token_ids) == 10 and r.stats.rs_exhausted > 0 and r.stats.proposals <= 10 * retries
+    if retries > RS_BLOCK:
+        assert r.stats.proposals > RS_BLOCK * r.stats.rs_exhausted
     r = tiny_gen.generate(PROMPT, method="scr", weights=weights, aggregation="geometric",
                           max_new_tokens=10, seed=0, max_retries=4, ignore_eos=True)
     assert len(r.token_ids) == 10

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PersonamixError
-from .targets import TOP_P_PREFIXES, Target, log_probs_on_support, token_target
+from .targets import TOP_P_PREFIXES, Target, log_probs_on_support, token_scores, token_target
 
 #: on CPU, rows are drawn in passes of at most this many: a pass's [rows, V] temporaries then stay
 #: small enough for the caches and the allocator's free lists (64 rows of the default model's
@@ -39,17 +39,31 @@ from .targets import TOP_P_PREFIXES, Target, log_probs_on_support, token_target
 CPU_ROWS_PER_PASS = 16
 
 
+#: proposals a Token-RS draw tries in one block, read back once (samplers.common.rejection_sample_token)
+RS_BLOCK = 32
+
+
 @dataclass(frozen=True, eq=False)
 class Draw:
     """One generation's request: the next token from the reference under `target`'s temperature
     / top-k / top-p, drawn with `rng` (its argmax when `greedy`; then `rng` is not used). `mixed`:
     from the token-level target p* (eq. 5) instead, the N+1 rows' log-probs on the reference's
-    support aggregated with the target's weights (the `token` method's step)."""
+    support aggregated with the target's weights (the `token` method's step). `propose` (with
+    `mixed`, not `greedy`): Token-RS's first block instead (the paper's baseline, samplers/
+    token_rs.py): up to `propose` proposals t ~ the reference on the support, each accepted with
+    probability exp(S(t) - log M), M = max_t exp(S(t|Y)) over the support (the exact bound); the
+    token is the first accepted. If none is, the draw is not `accepted` (token -1, no error) and
+    the caller goes on from there (samplers.common.rejection_sample_token)."""
 
     target: Target
     rng: torch.Generator
     greedy: bool = False
     mixed: bool = False
+    propose: int = 0
+
+    def __post_init__(self) -> None:
+        if self.propose and (not self.mixed or self.greedy or self.propose < 0):
+            raise ValueError("propose: a positive number of proposals, for a mixed draw that is not greedy")
 
     @property
     def rows(self) -> int:
@@ -59,9 +73,9 @@ class Draw:
     @property
     def mix(self) -> tuple | None:
         """What p*'s math needs beyond the support (None for the reference): draws with the same
-        `mix` aggregate with the same operations, so they can be drawn together."""
+        `mix` run the same operations, so they can be drawn together."""
         t = self.target
-        return (t.weights, t.aggregation, t.clamp_floor) if self.mixed else None
+        return (t.weights, t.aggregation, t.clamp_floor, self.propose) if self.mixed else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,14 +83,17 @@ class Drawn:
     """A draw's outcome: the token (a vocabulary id), the reference's log-probs on the support
     [U] (the proposal q) and the support's vocabulary ids [U] (ascending; None: the whole
     vocabulary, U = V). `error`: why nothing could be drawn (token -1). A `mixed` draw's `logq`
-    is log p* on the support, and `clamped` whether the token's linear score hit the target's
-    floor (targets.aggregate; read back only where Target.can_clamp)."""
+    is log p* on the support (a Token-RS draw's stays q); `clamps` counts the clamped scores it
+    met where Target.can_clamp (targets.aggregate: the token's, or the proposals' tried); a
+    Token-RS draw says how many proposals it tried and whether one was `accepted`."""
 
     token: int
     logq: torch.Tensor
     ids: torch.Tensor | None
     error: PersonamixError | None = None
-    clamped: bool = False
+    clamps: int = 0
+    proposals: int = 0
+    accepted: bool = False
 
     def checked(self) -> Drawn:
         if self.error is not None:
@@ -88,13 +105,15 @@ class Drawn:
 class _Group:
     """Rows drawn by one set of operations: log-probs [b, m] on columns `ids` [b, m] (ascending,
     then the vocabulary size past a row's support; None: column = id, m = V), each row's support
-    size (`sizes`); for mixed draws whether each column's score was clamped [b, m] (None: never)."""
+    size (`sizes`); for mixed draws whether each column's score was clamped [b, m] (None: never);
+    for Token-RS draws the scores S [b, m] (`logp` is then the reference's)."""
 
     rows: list[int]
     logp: torch.Tensor
     ids: torch.Tensor | None
     sizes: list[int]
     clamped: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | None = None) -> list[Drawn]:
@@ -128,21 +147,25 @@ def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | 
             logp, ids = log_probs_on_support(x[b], d.target)                             # [R, U]
             groups.append(_group([b], logp[None], None if ids is None else ids[None], [logp.shape[-1]], draws))
     sampled = [_sample(g, draws) for g in groups]
-    flags = [f for _, _, f in sampled if f is not None]
-    back = [t for t, _, _ in sampled] + flags
+    extras = [e.flatten() for _, _, e in sampled if e is not None]
+    back = [t for t, _, _ in sampled] + extras
     back = (back[0] if len(back) == 1 else torch.cat(back)).tolist()                # the pass's one read-back
-    tokens, flags = back[:len(draws)], iter(back[len(draws):])
+    tokens, extras = back[:len(draws)], iter(back[len(draws):])
     out: list[Drawn | None] = [None] * len(draws)
     at = 0
-    for g, (_, total, flag) in zip(groups, sampled):
+    for g, (_, total, extra) in zip(groups, sampled):
         width = g.logp.shape[-1]
         for r, (b, n) in enumerate(zip(g.rows, g.sizes)):
             token = tokens[at + r]
-            error = None if token >= 0 else no_mass(total[r])
             logq, ids = g.logp[r], None if g.ids is None else g.ids[r]
             if n < width:
                 logq, ids = logq[:n], ids[:n]
-            out[b] = Drawn(token, logq, ids, error, bool(next(flags)) if flag is not None else False)
+            if g.scores is not None:                           # Token-RS: mass usable, accepted, tried[, clamps]
+                ok, accepted, tried, *clamps = (next(extras) for _ in range(extra.shape[1]))
+                out[b] = Drawn(token, logq, ids, None if ok else no_mass(total[r]), sum(clamps), tried, bool(accepted))
+            else:
+                error = None if token >= 0 else no_mass(total[r])
+                out[b] = Drawn(token, logq, ids, error, next(extras) if extra is not None else 0)
         at += len(g.rows)
     return out
 
@@ -174,6 +197,9 @@ def _group(rows: list[int], logp: torch.Tensor, ids: torch.Tensor | None, sizes:
     if logp.shape[1] == 1:
         return _Group(rows, logp[:, 0], ids, sizes)
     target = draws[rows[0]].target                     # its weights, aggregation, floor: every row's (`mix`)
+    if draws[rows[0]].propose:
+        s, clamped = token_scores(logp.transpose(0, 1), target)                           # [b, m]
+        return _Group(rows, logp[:, 0], ids, sizes, clamped if target.can_clamp else None, s)
     logp_star, _, clamped = token_target(logp.transpose(0, 1), target)                  # [b, m]
     return _Group(rows, logp_star, ids, sizes, clamped if target.can_clamp else None)
 
@@ -259,10 +285,13 @@ def no_mass(total: torch.Tensor) -> PersonamixError:
 
 def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The group's tokens (vocabulary ids; -1 where a row's mass cannot be sampled), its rows'
-    total masses, and whether each token's score was clamped (None where the group cannot clamp),
-    without a read-back. Each row's uniform comes from its own generator, so a generation's random
+    total masses, and what else is read back with the tokens [b] or [b, j] (None: nothing):
+    whether each token's score was clamped (where the group can clamp), or a Token-RS group's
+    (`_propose`). Each row's uniforms come from its own generator, so a generation's random
     stream is its own; a row's draw lands on its support (its cdf reaches the total there and
     stays, past it are zeros)."""
+    if g.scores is not None:
+        return _propose(g, draws)
     dev = g.logp.device
     greedy = [draws[b].greedy for b in g.rows]
     cdf = g.logp.exp().cumsum(-1)                                                   # [b, m]
@@ -280,4 +309,32 @@ def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tenso
     return torch.where(ok, token, -1), total, clamped
 
 
-__all__ = ["CPU_ROWS_PER_PASS", "Draw", "Drawn", "draw_next", "inverse_cdf", "no_mass", "usable"]
+def _propose(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-RS's first block for every row (Draw.propose; the same operations and random stream
+    as common.rejection_sample_token's first block for one): n proposals t ~ q (the reference,
+    g.logp) and n uniforms u per row, t accepted iff log u < S(t) - log M, the first accepted kept.
+    Returns the tokens (-1 where none was accepted, or the mass is not usable), the totals, and
+    per row [mass usable, accepted, proposals tried (up to the first accepted), clamped scores
+    among them (where the group can clamp)] [b, 3 or 4]."""
+    dev, n = g.logp.device, draws[g.rows[0]].propose
+    ref, s = g.logp, g.scores                                                       # [b, m]
+    cdf = ref.exp().cumsum(-1)
+    u, log_u = zip(*((torch.rand(n, generator=draws[b].rng, device=dev, dtype=cdf.dtype),
+                      torch.rand(n, generator=draws[b].rng, device=dev)) for b in g.rows))
+    u, log_u = (torch.stack(x) for x in (u, log_u))                                  # [b, n]
+    props = inverse_cdf(cdf, u)                                                     # [b, n] columns
+    log_m = s.masked_fill(~torch.isfinite(ref), float("-inf")).amax(-1, keepdim=True)   # [b, 1] log M on the support
+    ok = log_u.log() < s.gather(1, props) - log_m                                   # [b, n]
+    first = ok.float().argmax(-1, keepdim=True)                                     # [b, 1] (0 when none passed)
+    col = props.gather(1, first)
+    token = (col if g.ids is None else g.ids.gather(1, col)).squeeze(1)             # [b]
+    total = cdf[:, -1]
+    mass, accepted = usable(total), ok.any(-1)
+    tried = torch.where(accepted, first.squeeze(1) + 1, n)                           # [b]
+    extra = [mass.long(), accepted.long(), tried]
+    if g.clamped is not None:
+        extra.append((g.clamped.gather(1, props) & (_columns(n, dev) < tried.view(-1, 1))).sum(-1))
+    return torch.where(mass & accepted, token, -1), total, torch.stack(extra, dim=1)
+
+
+__all__ = ["CPU_ROWS_PER_PASS", "RS_BLOCK", "Draw", "Drawn", "draw_next", "inverse_cdf", "no_mass", "usable"]

@@ -226,14 +226,15 @@ class Session:
         return out
 
     def draw(self, seq: Sequence[int], target: Target, rng: torch.Generator, greedy: bool = False,
-             mixed: bool = False) -> Drawn:
+             mixed: bool = False, propose: int = 0) -> Drawn:
         """The reference's next token after `seq` under the target's temperature / top-k / top-p
         (its argmax when `greedy`), with the proposal's log-probs on the support (draws.Drawn);
         with `mixed`, the next token from the token-level target p* (eq. 5) of all N+1 rows
-        instead. The backend draws it in the forward that computes the logits, together with
-        every other generation's draw there (Backend.forward_draw); logits the memo still holds
-        (a rolled-back draft's) are drawn from here, by the same function."""
-        request = Draw(target, rng, greedy, mixed)
+        instead (`propose`: by Token-RS's first block of that many proposals, draws.Draw). The
+        backend draws it in the forward that computes the logits, together with every other
+        generation's draw there (Backend.forward_draw); logits the memo still holds (a
+        rolled-back draft's) are drawn from here, by the same function."""
+        request = Draw(target, rng, greedy, mixed, propose)
         group = "all" if mixed else "ref"
         logits = self._from_cache(group, seq, 1)
         if logits is not None:

@@ -8,7 +8,7 @@ from collections import deque
 
 import torch
 
-from ..draws import inverse_cdf, no_mass, usable
+from ..draws import RS_BLOCK, inverse_cdf, no_mass, usable
 from ..session import Session
 from ..stats import Stats
 from ..targets import Target, aggregate, to_vocabulary, token_scores
@@ -107,7 +107,7 @@ def rejection_sample_token(logp: torch.Tensor, target: Target, rng: torch.Genera
     p_ref = ref.exp()
     tried = 0
     while tried < max_retries:
-        n = min(32, max_retries - tried)
+        n = min(RS_BLOCK, max_retries - tried)
         props, total = _draw(p_ref, n, rng)                                           # [n] columns
         log_u = torch.rand(n, generator=rng, device=ref.device).log()
         ok = log_u < s[props] - log_m                                                 # [n]

@@ -22,6 +22,6 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
     seq = list(prompt)
     while True:
         drawn = session.draw(seq, target, rng, params.greedy, mixed=True)   # p* of the N+1 rows (draws.py)
-        stats.clamps += drawn.clamped
+        stats.clamps += drawn.clamps
         seq.append(drawn.token)
         yield [drawn.token]
