@@ -1,13 +1,14 @@
 """The next-token draws of B generations: one by one (each generation's sampler on its own, as
 before engine/draws.py) against `draw_next` over all B at once (what the batched backend does
-after a forward). Two kinds: the reference's (SCR's and spec's drafts, `base`) and the `token`
-method's step, p* (eq. 5) of the reference and N preference models (`mixed` draws). Counted:
+after a forward). Three kinds: the reference's (SCR's and spec's drafts, `base`), the `token`
+method's step, p* (eq. 5) of the reference and N preference models (`mixed` draws), and
+token-rs's first block of proposals (`propose`). Counted:
 tensor operations (on a GPU each a kernel launch or more, issued under the GIL) and read-backs to
 the host (each a wait for the stream), per forward of B generations; timed: milliseconds on this
 CPU (one thread, as a generation thread), or on a GPU with `--device cuda` (each call synchronised).
 
     python bench/draws.py [--rows 1 4 16 64] [--top-p 0.9] [--temperature 0.7] [--repeats 20]
-                          [--kinds reference token] [--device cpu] [--out docs/bench/draws.md]
+                          [--kinds reference token token-rs] [--device cpu] [--out docs/bench/draws.md]
 
 Logits: the default model's with the shipped MBTI adapters E, N, T, J (equal weights, linear), at
 the last 64 positions of a chat prompt (real next-token distributions, peaked and flat), draw b
@@ -26,9 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from personamix import Generator
-from personamix.engine.draws import CPU_ROWS_PER_PASS, Draw, draw_next
-from personamix.engine.samplers.common import sample_token
+from personamix.engine.draws import CPU_ROWS_PER_PASS, RS_BLOCK, Draw, draw_next
+from personamix.engine.samplers.common import rejection_sample_token, sample_token
 from personamix.engine.session import Session
+from personamix.engine.stats import Stats
 from personamix.engine.targets import Target, log_probs_on_support, token_target
 from personamix.testing import SamplerWork
 
@@ -50,10 +52,15 @@ def model_logits(device: torch.device) -> torch.Tensor:
 
 def one_by_one(logits: torch.Tensor, draws: list[Draw]) -> list[int]:
     """Each generation's former step: the samplers' one-draw path (drafts: log_probs_on_support,
-    sample_token; `token`: the same over N+1 rows, then token_target)."""
+    sample_token; `token`: the same over N+1 rows, then token_target; token-rs: its first block,
+    rejection_sample_token with max_retries = the block)."""
     out = []
     for b, d in enumerate(draws):
         lq, ids = log_probs_on_support(logits[b], d.target)                            # [R, U]
+        if d.propose:
+            t, _, ok = rejection_sample_token(lq, d.target, d.rng, d.propose, Stats("token-rs"), ids)
+            out.append(t if ok else -1)                  # -1: none of the block accepted, as draw_next says
+            continue
         if d.mixed:
             lq = token_target(lq, d.target)[0][None]
         out.append(sample_token(lq[0], d.rng, d.greedy, ids))
@@ -69,21 +76,22 @@ def one_pass(logits: torch.Tensor, draws: list[Draw]) -> list[int]:
     return [d.token for d in draw_next(logits, draws, rows_per_pass=len(draws))]
 
 
-def requests(rows: int, target: Target, seed: int, device: torch.device) -> list[Draw]:
-    return [Draw(target, torch.Generator(device=device).manual_seed(seed + b), mixed=bool(target.names))
-            for b in range(rows)]
+def requests(rows: int, target: Target, seed: int, device: torch.device, propose: int = 0) -> list[Draw]:
+    return [Draw(target, torch.Generator(device=device).manual_seed(seed + b), mixed=bool(target.names),
+                 propose=propose) for b in range(rows)]
 
 
-def measure(f, logits: torch.Tensor, target: Target, repeats: int) -> tuple[float, float, float, list[int]]:
+def measure(f, logits: torch.Tensor, target: Target, repeats: int,
+            propose: int = 0) -> tuple[float, float, float, list[int]]:
     """(ops, read-backs, ms) for one call over all rows, and the tokens of the first call (every
     call ends in a read-back of its tokens, so the time is the device's too)."""
     rows, dev = logits.shape[0], logits.device
-    f(logits, requests(rows, target, 1, dev))                  # warm-up (and what is cached once, e.g. _columns)
+    f(logits, requests(rows, target, 1, dev, propose))         # warm-up (and what is cached once, e.g. _columns)
     with SamplerWork() as work:
-        tokens = f(logits, requests(rows, target, 0, dev))
+        tokens = f(logits, requests(rows, target, 0, dev, propose))
     start = time.perf_counter()
     for r in range(repeats):
-        f(logits, requests(rows, target, r, dev))
+        f(logits, requests(rows, target, r, dev, propose))
     return work.ops, work.reads, (time.perf_counter() - start) / repeats * 1e3, tokens
 
 
@@ -93,7 +101,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--kinds", nargs="+", choices=("reference", "token"), default=["reference", "token"])
+    ap.add_argument("--kinds", nargs="+", choices=("reference", "token", "token-rs"),
+                    default=["reference", "token", "token-rs"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -110,14 +119,15 @@ def main() -> None:
              f"| ms | draw_next, its passes on {device.type}: ms | ops ratio (one pass) | same tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in a.kinds:
-        mixed = kind == "token"
+        mixed, propose = kind != "reference", RS_BLOCK if kind == "token-rs" else 0
         target = Target(NAMES if mixed else (), (0.25,) * 4 if mixed else (), temperature=a.temperature, top_p=a.top_p)
-        what = f"`token` step, p* of 1 + {len(NAMES)} rows" if mixed else "reference"
+        what = {"reference": "reference", "token": f"`token` step, p* of 1 + {len(NAMES)} rows",
+                "token-rs": f"token-rs, first block of {RS_BLOCK}"}[kind]
         for rows in a.rows:
             logits = base[torch.arange(rows) % base.shape[0], :None if mixed else 1]   # [B, 1 + N or 1, V]
-            o1, r1, t1, k1 = measure(one_by_one, logits, target, a.repeats)
-            o2, r2, t2, k2 = measure(one_pass, logits, target, a.repeats)
-            _, _, t3, k3 = measure(together, logits, target, a.repeats)
+            o1, r1, t1, k1 = measure(one_by_one, logits, target, a.repeats, propose)
+            o2, r2, t2, k2 = measure(one_pass, logits, target, a.repeats, propose)
+            _, _, t3, k3 = measure(together, logits, target, a.repeats, propose)
             lines.append(f"| {what} | {rows} | {o1} | {r1} | {t1:.2f} | {o2} | {r2} | {t2:.2f} | {t3:.2f} | "
                          f"{o1 / o2:.1f}x | {'yes' if k1 == k2 == k3 else 'NO'} |")
     print("\n".join(lines))
