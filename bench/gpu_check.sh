@@ -16,8 +16,9 @@
 #      its adapter weights linked to this tree's, which are the same), same questions and seeds.
 #   5. (step "samplers", run before 4) bench/sampler_overhead.py: a sampler's own time per forward
 #      outside the model, this tree and BEFORE, top-p 0.9 (what a busy server's forward waits for).
-#   5b. (step "draws", after "samplers") bench/draws.py: the reference's next-token draws of 1-64
-#      generations one by one against all at once (engine/draws.py), launches, read-backs and ms.
+#   5b. (step "draws", after "samplers") bench/draws.py: the next-token draws of 1-64 generations
+#      (the reference's, the `token` step's p*, token-rs's first block) one by one against all at
+#      once (engine/draws.py), launches, read-backs and ms.
 #   6. (step "qkv", not in the default STEPS) bench/qkv_fusion.py: packed forwards with q/k/v as one
 #      matmul against three (backends/qkv.py; on CUDA, replayed from CUDA graphs where they apply).
 #

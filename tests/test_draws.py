@@ -217,7 +217,7 @@ def test_mixed_draws_read_back_as_often_as_the_references():
 def test_mixed_draws_of_other_weights_or_rows_are_refused_together():
     x = _mixed_logits(2)
     ds = _mixed_draws(1, 0, "linear") + _mixed_draws(1, 0, "negative")
-    with pytest.raises(ValueError, match="one aggregation"):
+    with pytest.raises(ValueError, match="one `mix`"):
         draw_next(x, ds)
     with pytest.raises(ValueError, match="expected"):
         draw_next(x[:, 0], _mixed_draws(2, 0))                      # the reference's rows only

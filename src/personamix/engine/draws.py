@@ -1,4 +1,4 @@
-"""Drawing the reference's next token for many generations at once.
+"""Drawing the next token of many generations at once: the reference's, or the target p*'s.
 
 Most of a busy server's calls are one-token steps of the reference alone: SCR's and spec's drafts
 (k of every k + 1 calls) and the `base` method. Each needs the same small program on the
@@ -10,14 +10,21 @@ runs it for all rows of one forward at once (vLLM's sampler does the same for it
 set of operations for all rows, plus a `rand` from each row's generator and the views that hand
 each row its result (64 rows: 359 operations against 2,368, bench/draws.py), and two read-backs.
 
+The token-level methods' steps are the same program over a generation's N + 1 rows (`mixed`
+draws, logits [B, N + 1, V]) followed by the target's math (targets.token_target, eq. 5): a draw
+from p* (`token`), or Token-RS's first block of proposals against the exact bound (`propose`).
+Draws of one set of weights and aggregation go together (`Draw.mix`); 64 `token` steps: 382
+operations against 3,520.
+
 A row's result does not depend on its company. Rows are grouped by kind (no truncation; top-p;
 top-k, which runs row by row) and, for top-p, by the prefix of most likely tokens that holds
 top_p of its mass (targets.TOP_P_PREFIXES: 64, 1024, then the whole vocabulary); a row is
 computed at that prefix's width whatever else is in the batch, with the same row-wise
 operations, so a seeded generation draws the same bits alone or beside others (checked by
-tests/test_draws.py). Against `log_probs_on_support` + `sample_token` of one row, the support
-and the token are the same and the log-probs equal up to float rounding: a row's log-softmax
-runs over its prefix's width with -inf past its support, not over the support alone.
+tests/test_draws.py). Against `log_probs_on_support` + `sample_token` of one row (and
+`token_target`, `rejection_sample_token` for mixed draws), the support and the token are the
+same and the log-probs equal up to float rounding: a row's log-softmax runs over its prefix's
+width with -inf past its support, not over the support alone.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | 
     if (x.dim() != 3 or x.shape[0] != len(draws)
             or any(d.rows != x.shape[1] or d.mix != draws[0].mix for d in draws)):
         raise ValueError(f"logits {tuple(logits.shape)} for {len(draws)} draws: expected [B, V], or "
-                         "[B, N + 1, V] for mixed draws of one aggregation and one set of weights")
+                         "[B, N + 1, V] for mixed draws of one `mix` (weights, aggregation, proposals)")
     if rows_per_pass is None:
         rows_per_pass = CPU_ROWS_PER_PASS if x.device.type == "cpu" else len(draws)
     if len(draws) > rows_per_pass:
