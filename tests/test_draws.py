@@ -2,6 +2,8 @@
 the token-level target p* of N+1 rows (`mixed`): each draw gets what it would get alone, bit for
 bit, whatever its company; the same token and support as the samplers' one-row path; draws
 distributed as the truncated, tempered reference; two read-backs per pass."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -158,9 +160,9 @@ def _mixed_logits(draws: int, seed: int = 0) -> torch.Tensor:
 
 
 def _mixed_draws(draws: int, seed: int, weights: str = "negative") -> list[Draw]:
+    """_draws' requests of every kind, as `token` steps with these weights."""
     agg = "geometric" if weights == "geometric" else "linear"
-    return [Draw(Target(("A", "B", "C"), WEIGHTS[weights], agg, **{k: v for k, v in d.target.__dict__.items()
-                                                                   if k in ("temperature", "top_k", "top_p")}),
+    return [Draw(replace(d.target, names=("A", "B", "C"), weights=WEIGHTS[weights], aggregation=agg),
                  d.rng, d.greedy, mixed=True) for d in _draws(draws, seed)]
 
 
@@ -204,8 +206,7 @@ def test_mixed_draws_read_back_as_often_as_the_references():
     for rows in (1, 12):
         for weights in ("linear", "negative"):
             ds = _mixed_draws(rows, 7, weights)
-            ds = [Draw(d.target.__class__(**{**d.target.__dict__, "top_k": 0, "top_p": 0.9, "temperature": 0.7}),
-                       d.rng, False, True) for d in ds]
+            ds = [Draw(replace(d.target, top_k=0, top_p=0.9, temperature=0.7), d.rng, False, True) for d in ds]
             with SamplerWork() as work:
                 draw_next(x[:rows], ds, rows_per_pass=rows)
             counted[rows, weights] = work
