@@ -106,7 +106,7 @@ class Backend(ABC):
         "all" for a `mixed` draw (from p*). Returns (the draw, the logits [rows, 1, V], forward
         passes). A backend that shares forwards draws the tokens of all the calls in one forward at once."""
         logits, passes = self.forward("all" if draw.mixed else "ref", tokens, cache, 1, names)
-        return draw_next(logits[:, -1].unsqueeze(0) if draw.mixed else logits[:, -1], [draw])[0], logits, passes
+        return draw_next(logits[:, -1][None], [draw])[0], logits, passes
 
     def forward_together(self, calls: Sequence[tuple[Group, torch.Tensor, object, int]],
                          names: Sequence[str]) -> tuple[list[torch.Tensor], int]:
@@ -238,7 +238,7 @@ class Session:
         group = "all" if mixed else "ref"
         logits = self._from_cache(group, seq, 1)
         if logits is not None:
-            return draw_next(logits[:, -1].unsqueeze(0) if mixed else logits[:, -1], [request])[0].checked()
+            return draw_next(logits[:, -1][None], [request])[0].checked()
         drawn, logits, passes = self.backend.forward_draw(self._new_tokens(group, seq), self._caches[group],
                                                           self.names, request)
         self._count_forward(passes)
