@@ -317,31 +317,43 @@ def _sample(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _propose(g: _Group, draws: Sequence[Draw]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token-RS's first block for every row (Draw.propose; the same operations and random stream
-    as common.rejection_sample_token's first block for one): n proposals t ~ q (the reference,
-    g.logp) and n uniforms u per row, t accepted iff log u < S(t) - log M, the first accepted kept.
-    Returns the tokens (-1 where none was accepted, or the mass is not usable), the totals, and
-    per row [mass usable, accepted, proposals tried (up to the first accepted), clamped scores
-    among them (where the group can clamp)] [b, 3 or 4]."""
-    dev, n = g.logp.device, draws[g.rows[0]].propose
-    ref, s = g.logp, g.scores                                                       # [b, m]
-    cdf = ref.exp().cumsum(-1)
-    u, log_u = zip(*((torch.rand(n, generator=draws[b].rng, device=dev, dtype=cdf.dtype),
-                      torch.rand(n, generator=draws[b].rng, device=dev)) for b in g.rows))
-    u, log_u = (torch.stack(x) for x in (u, log_u))                                  # [b, n]
+    """Token-RS's first block for every row of the group (Draw.propose)."""
+    return rs_block(g.logp, g.scores, g.clamped, g.ids, draws[g.rows[0]].propose, [draws[b].rng for b in g.rows])
+
+
+def rs_block(ref: torch.Tensor, s: torch.Tensor, clamped: torch.Tensor | None, ids: torch.Tensor | None,
+             n: int, rngs: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of Token-RS for b rows at once (the paper's baseline; samplers/token_rs.py): n
+    proposals t ~ q and n uniforms u per row, from the row's own generator in that order, t
+    accepted iff log u < S(t) - log M with log M = max S over the row's support (the exact bound),
+    the first accepted kept. The batched draws' first block and every block of one generation's
+    loop (samplers.common.rejection_sample_token) run this, so both take the same random stream.
+
+    ref [b, m]: the reference's log-probs q (-inf off the support), s [b, m]: the scores S,
+    clamped [b, m]: whether each score was clamped (None: none can be), ids [b, m]: each column's
+    vocabulary id (None: column = id). Returns the tokens [b] (-1 where none was accepted, or the
+    mass is not usable), the rows' total masses [b], and per row [mass usable, accepted,
+    proposals tried (up to the first accepted), clamped scores among them (with `clamped`)]
+    [b, 3 or 4], to be read back with the tokens."""
+    dev = ref.device
+    cdf = ref.exp().cumsum(-1)                                                      # [b, m]
+    u, log_u = zip(*((torch.rand(n, generator=rng, device=dev, dtype=cdf.dtype),
+                      torch.rand(n, generator=rng, device=dev)) for rng in rngs))
+    u, log_u = (x[0][None] if len(x) == 1 else torch.stack(x) for x in (u, log_u))   # [b, n]
     props = inverse_cdf(cdf, u)                                                     # [b, n] columns
     log_m = s.masked_fill(~torch.isfinite(ref), float("-inf")).amax(-1, keepdim=True)   # [b, 1] log M on the support
     ok = log_u.log() < s.gather(1, props) - log_m                                   # [b, n]
     first = ok.float().argmax(-1, keepdim=True)                                     # [b, 1] (0 when none passed)
     col = props.gather(1, first)
-    token = (col if g.ids is None else g.ids.gather(1, col)).squeeze(1)             # [b]
+    token = (col if ids is None else ids.gather(1, col)).squeeze(1)                 # [b]
     total = cdf[:, -1]
     mass, accepted = usable(total), ok.any(-1)
     tried = torch.where(accepted, first.squeeze(1) + 1, n)                           # [b]
     extra = [mass.long(), accepted.long(), tried]
-    if g.clamped is not None:
-        extra.append((g.clamped.gather(1, props) & (_columns(n, dev) < tried.view(-1, 1))).sum(-1))
+    if clamped is not None:
+        extra.append((clamped.gather(1, props) & (_columns(n, dev) < tried.view(-1, 1))).sum(-1))
     return torch.where(mass & accepted, token, -1), total, torch.stack(extra, dim=1)
 
 
-__all__ = ["CPU_ROWS_PER_PASS", "RS_BLOCK", "Draw", "Drawn", "draw_next", "inverse_cdf", "no_mass", "usable"]
+__all__ = ["CPU_ROWS_PER_PASS", "RS_BLOCK", "Draw", "Drawn", "draw_next", "inverse_cdf", "no_mass", "rs_block",
+           "usable"]

@@ -8,7 +8,7 @@ from collections import deque
 
 import torch
 
-from ..draws import RS_BLOCK, inverse_cdf, no_mass, usable
+from ..draws import RS_BLOCK, inverse_cdf, no_mass, rs_block, usable
 from ..session import Session
 from ..stats import Stats
 from ..targets import Target, aggregate, to_vocabulary, token_scores
@@ -101,27 +101,18 @@ def rejection_sample_token(logp: torch.Tensor, target: Target, rng: torch.Genera
     a vocabulary id.
     Returns (token, proposals tried, whether one was accepted); clamps and exhausted loops go into `stats`.
     """
-    s, clamped = token_scores(logp, target)
+    s, clamped = token_scores(logp, target)                                        # [U]
     ref = logp[0]
-    log_m = s.masked_fill(~torch.isfinite(ref), float("-inf")).max()
-    p_ref = ref.exp()
+    rows = (ref[None], s[None], clamped[None] if target.can_clamp else None, None if ids is None else ids[None])
     tried = 0
     while tried < max_retries:
         n = min(RS_BLOCK, max_retries - tried)
-        props, total = _draw(p_ref, n, rng)                                           # [n] columns
-        log_u = torch.rand(n, generator=rng, device=ref.device).log()
-        ok = log_u < s[props] - log_m                                                 # [n]
-        first = ok.float().argmax().view(1)                                           # [1] (0 when none passed)
-        token = props[first] if ids is None else ids[props[first]]                    # [1]
-        has_mass, passed, first_i, token_i = torch.cat([usable(total).view(1), ok.any().view(1), first,
-                                                        token]).tolist()
+        token, total, extra = rs_block(*rows, n, [rng])                               # [1], [1], [1, 3|4]
+        token_i, has_mass, passed, used, *clamps = torch.cat([token, extra[0]]).tolist()   # the block's one read-back
         if not has_mass:
-            raise no_mass(total)
-        first_i = first_i if passed else n
-        used = min(first_i + 1, n)
+            raise no_mass(total[0])
         tried += used
-        if target.can_clamp:
-            stats.clamps += int(clamped[props[:used]].sum())
+        stats.clamps += sum(clamps)
         if passed:
             return token_i, tried, True
     stats.rs_exhausted += 1
