@@ -155,28 +155,22 @@ def test_chunk_log_probs_are_log_probs_at_the_chunk(settings):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunk_log_probs_are_each_positions_own_logsumexp_bit_for_bit(temperature):
-    """The chunk's positions' supports gathered at once (one nonzero, split by their sizes) give
-    the bits of taking each position's on-support logits alone, a whole row (nothing truncated
-    there) and an empty one among them; the chunk as a tensor or as numbers alike."""
+def test_chunk_log_probs_of_many_chunks_are_each_chunks_own_bit_for_bit(temperature):
+    """Chunks scored at once ([R, b, k, U]) get the bits each gets alone ([R, k, U]), a whole
+    support and an empty one among them (-inf there, not nan)."""
     torch.manual_seed(6)
-    logits = torch.randn(5, 4, 50) * 3
-    support = torch.rand(4, 50) < 0.3
-    support[1] = True                                                     # a whole row
-    support[3] = False                                                    # nothing: -inf everywhere
-    chunk = [7, 11, 0, 49]
+    logits = torch.randn(5, 3, 4, 50) * 3                                 # R=5 rows, b=3 chunks, k=4
+    support = torch.rand(3, 4, 50) < 0.3
+    support[0, 1] = True                                                  # a whole row
+    support[2, 3] = False                                                 # nothing: -inf everywhere
+    chunk = torch.tensor([[7, 11, 0, 49], [1, 2, 3, 4], [9, 8, 7, 6]])
     target = Target(names=("a",), weights=(1.0,), temperature=temperature)
-    want = []
-    for j, c in enumerate(chunk):
-        x = logits[:, j]
-        on = support[j].nonzero().squeeze(1)
-        kept = x if len(on) == 50 else x.index_select(-1, on)
-        tok = x[:, c] / temperature - torch.logsumexp(kept if temperature == 1.0 else kept / temperature, -1)
-        want.append(tok.masked_fill(~support[j, c], float("-inf")))
-    want = torch.stack(want, dim=1)
-    assert torch.equal(chunk_log_probs(logits, target, support, chunk), want)
-    assert torch.equal(chunk_log_probs(logits, target, support, torch.tensor(chunk)), want)
-    assert torch.isinf(want[:, 3]).all() and torch.isfinite(want[:, 1]).all()
+    together = chunk_log_probs(logits, target, support, chunk)            # [5, 3, 4]
+    for b in range(3):
+        assert torch.equal(together[:, b], chunk_log_probs(logits[:, b], target, support[b], chunk[b]))
+    assert torch.isinf(together[:, 2, 3]).all() and not torch.isnan(together).any()
+    assert torch.isfinite(together[:, 0, 1]).all()
+
 
 
 @pytest.mark.parametrize("settings", [{}, {"top_p": 0.6}, {"top_k": 3}, {"temperature": 0.7, "top_p": 0.9}])
