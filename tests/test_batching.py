@@ -213,8 +213,8 @@ def _concurrently(gen, jobs: list[dict]) -> list[list[int]]:
 def test_concurrent_draws_are_made_together_in_their_forward_and_match_running_alone(pair):
     """The draws of every generation in a forward are made at once after it (engine/draws.py):
     the reference's (drafts, `base`) whatever each one's temperature / top-p / greedy, and the
-    `token` steps' p* and the token-rs steps' first blocks per set of weights. Each generation
-    gets what it gets alone."""
+    `token` steps' p* and the token-rs steps' first blocks per set of weights; and SCR's chunks
+    scored at once (engine/scoring.py). Each generation gets what it gets alone."""
     batched, fast = pair
     b = batched.backend
     jobs = [dict(method="scr", weights={"T": 0.5, "E": 0.5}, temperature=0.7, top_p=0.9, seed=1),
@@ -225,7 +225,8 @@ def test_concurrent_draws_are_made_together_in_their_forward_and_match_running_a
             dict(method="token", weights={"E": 1.0, "N": -0.5}, temperature=0, seed=8),
             dict(method="token", weights={"E": 0.5, "N": 0.5}, aggregation="geometric", seed=9),
             dict(method="token-rs", weights={"E": 1.0, "N": -0.5}, seed=10),
-            dict(method="token-rs", weights={"E": 1.0, "N": -0.5}, top_p=0.9, temperature=0.8, seed=11)]
+            dict(method="token-rs", weights={"E": 1.0, "N": -0.5}, top_p=0.9, temperature=0.8, seed=11),
+            dict(method="scr", weights={"T": 0.5, "E": 0.5}, temperature=0.7, top_p=0.9, seed=12)]
     alone = [fast.generate(SEQ[:3], max_new_tokens=10, ignore_eos=True, **j).token_ids for j in jobs]
     sizes: dict[object, list[int]] = {False: [], True: [], "rs": []}
     draw_calls = b.draw_calls
@@ -236,12 +237,19 @@ def test_concurrent_draws_are_made_together_in_their_forward_and_match_running_a
         sizes["rs"].append(sum(c.draw.propose > 0 for c in calls))
         draw_calls(calls)
 
-    b.draw_calls = counted
+    scored, score_calls = [], b.score_calls
+
+    def scoring(calls):
+        scored.append(sum(c.score.rng is not None for c in calls))      # chunks scored for a cascade
+        score_calls(calls)
+
+    b.draw_calls, b.score_calls = counted, scoring
     try:
         assert _concurrently(batched, jobs) == alone
     finally:
-        del b.draw_calls
+        del b.draw_calls, b.score_calls
     assert max(sizes[False]) >= 3 and max(sizes[True]) >= 3 and max(sizes["rs"]) == 2   # several in one forward
+    assert max(scored) >= 2
 
 
 def test_an_error_reaches_every_call_of_the_batch_and_the_backend_goes_on(pair):

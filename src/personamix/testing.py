@@ -268,14 +268,15 @@ class SamplerWork(TorchDispatchMode):
     it is counted where it is called), and nonzero / unique, whose output's size is read back; on a
     GPU each waits for the stream to drain. Neither depends on the device: a CPU run says what a GPU
     step pays. The models' forwards (the backend's `forward`, `forward_together` and the batched
-    backend's `run`) are not counted, but the draws a backend makes for the sampler are
-    (`Backend.forward_draw`; the batched backend's `draw_calls`); `forwards` says how many ran.
+    backend's `run`) are not counted, but the draws and chunk scores a backend makes for the
+    sampler are (`Backend.forward_draw`; the batched backend's `draw_calls` and `score_calls`);
+    `forwards` says how many ran.
     `backend=None`: count everything in the block."""
 
     SIZED = (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten._unique2,
              torch.ops.aten.unique_dim, torch.ops.aten.masked_select)
     UNCOUNTED = ("forward", "forward_together", "run")     # the models' work
-    COUNTED = ("draw_calls",)                              # the sampler's, inside `run`
+    COUNTED = ("draw_calls", "score_calls")                # the sampler's, inside `run`
 
     def __init__(self, backend=None) -> None:
         super().__init__()

@@ -50,6 +50,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ..engine.draws import Draw, Drawn, draw_next
+from ..engine.scoring import Score, Scored, score_chunks
 from ..engine.session import Backend, Group
 from ..errors import PersonamixError, first_line
 from . import cpu_attention, omp
@@ -101,10 +102,13 @@ class Call:
     columns: torch.Tensor | None = None  # logits at these vocabulary ids only (Backend.restricts_columns)
     draw: Draw | None = None         # the next token is drawn in the forward (Backend.forward_draw)
     drawn: Drawn | None = None
+    score: Score | None = None       # SCR's chunk is scored in the forward (forward_score)
+    scored: Scored | None = None
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or (self.logits is not None and (self.draw is None or self.drawn is not None))
+        return self.error is not None or (self.logits is not None and (self.draw is None or self.drawn is not None)
+                                          and (self.score is None or self.scored is not None))
 
 
 class _Batch:
@@ -574,6 +578,15 @@ class BatchingBackend(Backend):
         self._submit([call])
         return call.drawn, call.logits, 1
 
+    def forward_score(self, requests: Sequence[tuple], names: Sequence[str],
+                      score: Score) -> tuple[list[torch.Tensor], int, Scored]:
+        """forward_together whose first request is SCR's chunk scoring: its chunk is scored after the
+        forward together with every other call's chunk in it (`score_calls`)."""
+        calls = [self.call(*r[:4], names, columns=r[4] if len(r) > 4 else None) for r in requests]
+        calls[0].score = score
+        self._submit(calls)
+        return [c.logits for c in calls], 1, calls[0].scored
+
     def _submit(self, calls: list[Call]) -> None:
         """Queue one generation's calls and return when a forward has served them: run it if the
         model is free (with every call waiting), else wait for the one that takes them."""
@@ -664,6 +677,7 @@ class BatchingBackend(Backend):
                 if c.columns is not None:
                     c.logits = c.logits.index_select(-1, c.columns)
             self.draw_calls([c for c in calls if c.draw is not None])
+            self.score_calls([c for c in calls if c.score is not None])
             self.forwards += 1
             self.calls += len(calls)
             for c, prompt in zip(calls, prompts):
@@ -688,6 +702,13 @@ class BatchingBackend(Backend):
             logits = rows[0][None] if len(rows) == 1 else torch.stack(rows)         # [B, R, V]
             for c, drawn in zip(same, draw_next(logits, [c.draw for c in same])):
                 c.drawn = drawn
+
+    def score_calls(self, calls: list[Call]) -> None:
+        """Every scoring call's chunk scores, from its logits, all at once (scoring.score_chunks:
+        one set of operations per kind of chunk, and one read-back)."""
+        if calls:
+            for c, scored in zip(calls, score_chunks([c.logits for c in calls], [c.score for c in calls])):
+                c.scored = scored
 
     def _restore_prefixes(self, calls: list[Call], cache: PrefixCache) -> None:
         """Calls over an empty cache (prompts) start after the longest prefix cached for all

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import PersonamixError
 from .draws import Draw, Drawn, draw_next
+from .scoring import Score, Scored, score_chunks
 from .targets import Target
 
 Group = Literal["ref", "prefs", "all"]
@@ -53,7 +54,10 @@ class Backend(ABC):
     #: forward_together runs the calls of several groups in ONE forward (SCR then scores a chunk
     #: and takes the next draft step at once)
     fuses_groups: ClassVar[bool] = False
-    #: concurrent generations (threads) share forwards; `forwards` / `calls` count them
+    #: concurrent generations (threads) share forwards; `forwards` / `calls` count them. Such a
+    #: backend also has `forward_score(calls, names, score)`: forward_together whose first call is
+    #: SCR's chunk scoring, returning (logits, passes, scoring.Scored), every chunk of a forward
+    #: scored at once (Session.score_chunk)
     shares_forwards: ClassVar[bool] = False
     #: forward_together takes a 5th item per call, `columns` (vocabulary ids [U]), and computes those
     #: calls' logits at those ids only ([rows, n_logits, U]: the output layer over U of V ids);
@@ -192,6 +196,19 @@ class Session:
         `columns`: vocabulary ids [U] (ascending or not; None: all), and its logits are then
         [rows, n_logits, U], those ids' only (computed only there where the backend
         `restricts_columns`: SCR's chunk scoring needs its support's ids only)."""
+        return self._logits_together(requests)[0]
+
+    def score_chunk(self, requests: Sequence[tuple], score: Score) -> tuple[list[torch.Tensor], Scored]:
+        """`logits_together` whose first request is SCR's chunk scoring ("prefs" at the chunk's k
+        positions, on the columns of score.logq), and the chunk's scores (scoring.score_chunks). A
+        backend that shares forwards scores the chunks of all the calls in one forward at once
+        (its `forward_score`); otherwise, or from the memo, they are scored here, by the same function."""
+        out, scored = self._logits_together(requests, score)
+        return out, scored if scored is not None else score_chunks(out[:1], [score])[0]
+
+    def _logits_together(self, requests: Sequence[tuple],
+                         score: Score | None = None) -> tuple[list[torch.Tensor], Scored | None]:
+        """logits_together, and request 0's chunk scored by the backend where it shares forwards."""
         if len({r[0] for r in requests}) != len(requests):
             raise ValueError("one request per group")
         out: list[torch.Tensor | None] = [None] * len(requests)
@@ -204,12 +221,16 @@ class Session:
             else:
                 todo.append((i, group, seq, self._new_tokens(group, seq), n_logits, columns))
         if not todo:
-            return out
+            return out, None
         restrict = self.backend.restricts_columns and any(c is not None for *_, c in todo)
-        if len(todo) > 1 or restrict:
-            logits, passes = self.backend.forward_together(
-                [(g, new, self._caches[g], n, c) if restrict else (g, new, self._caches[g], n)
-                 for _, g, _, new, n, c in todo], self.names)
+        calls = [(g, new, self._caches[g], n, c) if restrict else (g, new, self._caches[g], n)
+                 for _, g, _, new, n, c in todo]
+        scored = None
+        if (score is not None and todo[0][0] == 0 and self.backend.shares_forwards
+                and (restrict or todo[0][5] is None)):      # the logits the backend scores are score.logq's columns
+            logits, passes, scored = self.backend.forward_score(calls, self.names, score)
+        elif len(todo) > 1 or restrict:
+            logits, passes = self.backend.forward_together(calls, self.names)
         else:
             _, g, _, new, n, _ = todo[0]
             logits, passes = self.backend.forward(g, new, self._caches[g], n, self.names)
@@ -223,7 +244,7 @@ class Session:
             else:
                 self._tokens[group] = list(seq)
             out[i] = lg
-        return out
+        return out, scored
 
     def draw(self, seq: Sequence[int], target: Target, rng: torch.Generator, greedy: bool = False,
              mixed: bool = False, propose: int = 0) -> Drawn:

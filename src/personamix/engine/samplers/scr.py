@@ -49,16 +49,10 @@ from functools import partial
 import torch
 
 from ..params import SamplingParams
+from ..scoring import Score
 from ..session import Session
 from ..stats import Stats
-from ..targets import (
-    Target,
-    chunk_log_probs,
-    column_of,
-    log_probs,
-    prefix_scores,
-    token_scores,
-)
+from ..targets import Target, column_of, log_probs, prefix_scores, token_scores
 from .common import draft, engine_seed, rejection_sample_token, window_rejection_token
 
 #: chunks drafted and scored per round over an inference engine (see the module docstring)
@@ -80,34 +74,27 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         # every row): it runs on their ids' columns, ids None = all, and the preference models'
         # output layer is computed there only where the backend can (restricts_columns)
         chunk, logq, ids = draft(session, seq, k, target, rng)                      # [k, U], ids [U]
-        support = torch.isfinite(logq)                                             # [k, U] the reference's
+        chunk_c = column_of(ids, torch.tensor(chunk, device=logq.device))         # [k] the chunk's columns
+        exact = params.bound == "exact" or chunks < max(params.warmup, 1)   # >= 1: the windows need a score
+        # the cascade's numbers (S_j, a fresh log u per test, the clamps if any can be), computed by
+        # the backend with every chunk scored in the same forward (scoring.py); exact: no uniforms
+        score = Score(target, logq, chunk_c, None if exact else rng)
         scoring = ("prefs", seq + chunk[:-1], k, ids)
         if session.fuses and len(seq) + k < session.backend.max_length:
             # the next step's first draft logits (after the whole chunk) ride along in the scoring
             # forward; used when C is accepted whole, else rolled back like any rejected draft
-            pref_logits, _ = session.logits_together([scoring, ("ref", seq + chunk, 1)])      # [N, k, U]
+            (pref_logits, _), scored = session.score_chunk([scoring, ("ref", seq + chunk, 1)], score)   # [N, k, U]
         else:
-            pref_logits = session.logits_together([scoring])[0]                   # [N, k, U]
-        chunk_c = column_of(ids, torch.tensor(chunk, device=logq.device))         # [k] the chunk's columns
-        # the cascade needs the drafted tokens' log-probs only; whole distributions only for the
-        # exact verification and the fallback (at position 1)
-        ref_tok = logq.gather(1, chunk_c.view(-1, 1)).squeeze(1)                   # [k]
-        pref_tok = chunk_log_probs(pref_logits, target, support, chunk if ids is None else chunk_c)   # [N, k]
-        s, clamped = prefix_scores(ref_tok, pref_tok, target)                      # [k]
+            (pref_logits,), scored = session.score_chunk([scoring], score)                    # [N, k, U]
         stats.proposals += k
-        if params.bound == "exact" or chunks < max(params.warmup, 1):   # >= 1: the windows need a score
+        s_list = scored.s
+        if exact:
             stats.warmup_chunks += params.bound != "exact"
-            out = _verify_exact(logq, pref_logits, support, chunk, chunk_c, ids, target, params, rng, stats)
-            s_list = s.tolist()
+            out = _verify_exact(logq, pref_logits, chunk, chunk_c, ids, target, params, rng, stats)
         else:
-            # the cascade's numbers in one read-back: S_j, a fresh log u per test, the clamps if any can be
-            log_u = torch.rand(k, generator=rng, device=s.device).log().to(s.dtype)
-            rows = torch.stack([s, log_u, clamped.to(s.dtype)] if target.can_clamp else [s, log_u]).tolist()
-            s_list = rows[0]
-            fallback = partial(_first_token_rs, logq[0], pref_logits[:, 0], support[0], ids, target, rng,
-                               params.max_retries, stats)
-            out = _cascade(chunk, s_list, rows[1], rows[2] if target.can_clamp else None, windows, log_gamma,
-                           stats, fallback)
+            # whole distributions only for the fallback (at position 1)
+            fallback = partial(_first_token_rs, logq[0], pref_logits[:, 0], ids, target, rng, params.max_retries, stats)
+            out = _cascade(chunk, s_list, scored.log_u, scored.clamped, windows, log_gamma, stats, fallback)
         for j in range(k):
             windows[j].append(s_list[j])
         chunks += 1
@@ -179,20 +166,20 @@ def _cascade(chunk: list[int], s: list[float], log_u: list[float], clamped: list
     return [fallback()[0]]
 
 
-def _first_token_rs(logq, pref_logits, support, ids, target, rng, max_retries, stats) -> tuple[int, int, bool]:
+def _first_token_rs(logq, pref_logits, ids, target, rng, max_retries, stats) -> tuple[int, int, bool]:
     """Step 4's fallback: Token-RS at the chunk's first position, from the reference's log-probs
-    logq [U] and the preference models' logits there [N, U] on the reference's support [U], all
-    on the columns `ids` (vocabulary ids; None: all)."""
-    logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])        # [N+1, U]
+    logq [U] (-inf off its support) and the preference models' logits there [N, U], all on the
+    columns `ids` (vocabulary ids; None: all)."""
+    logp = torch.cat([logq[None], log_probs(pref_logits, target, torch.isfinite(logq))])   # [N+1, U]
     return rejection_sample_token(logp, target, rng, max_retries, stats, ids)
 
 
-def _verify_exact(logq, pref_logits, support, chunk, chunk_c, ids, target, params, rng, stats) -> list[int]:
+def _verify_exact(logq, pref_logits, chunk, chunk_c, ids, target, params, rng, stats) -> list[int]:
     """Token-by-token verification with the exact bound: token-level Token-RS whose first
     proposal at position j is the drafted c_j; exact for p* (warm-up and bound="exact").
-    logq [k, U] the reference's log-probs, pref_logits [N, k, U], support [k, U] the reference's,
-    all on the columns `ids` (vocabulary ids; None: all); chunk_c [k]: the chunk's columns."""
-    logp = torch.cat([logq[None], log_probs(pref_logits, target, support)])        # [N+1, k, U]
+    logq [k, U] the reference's log-probs (-inf off its supports), pref_logits [N, k, U], all on
+    the columns `ids` (vocabulary ids; None: all); chunk_c [k]: the chunk's columns."""
+    logp = torch.cat([logq[None], log_probs(pref_logits, target, torch.isfinite(logq))])   # [N+1, k, U]
     s, clamped = token_scores(logp, target)                                        # [k, U]
     log_m = s.masked_fill(~torch.isfinite(logp[0]), float("-inf")).amax(-1)       # [k]
     idx = chunk_c.view(-1, 1)
