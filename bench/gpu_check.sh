@@ -18,7 +18,8 @@
 #      outside the model, this tree and BEFORE, top-p 0.9 (what a busy server's forward waits for).
 #   5b. (step "draws", after "samplers") bench/draws.py: the next-token draws of 1-64 generations
 #      (the reference's, the `token` step's p*, token-rs's first block) one by one against all at
-#      once (engine/draws.py), launches, read-backs and ms.
+#      once (engine/draws.py), launches, read-backs and ms; bench/scr_scoring.py the same for SCR's
+#      chunk scoring (engine/scoring.py).
 #   6. (step "qkv", not in the default STEPS) bench/qkv_fusion.py: packed forwards with q/k/v as one
 #      matmul against three (backends/qkv.py; on CUDA, replayed from CUDA graphs where they apply).
 #
@@ -110,6 +111,7 @@ fi
 if want draws; then
 say draws
 timeout 120 $PY bench/draws.py --device "$DEVICE" 2>&1 | grep "^|" | tee "$OUT/draws.md"
+timeout 90 $PY bench/scr_scoring.py --device "$DEVICE" 2>&1 | grep "^|" | tee "$OUT/scr_scoring.md"
 fi
 
 qa() {  # $1: name, $2: the PYTHONPATH entry holding personamix. Own cache (merged adapters), same model
