@@ -18,11 +18,12 @@ from collections.abc import Iterator
 
 import torch
 
+from ..draws import inverse_cdf, no_mass, usable
 from ..params import SamplingParams
 from ..session import Session
 from ..stats import Stats
-from ..targets import Target, column_of, log_probs_on_support, on_columns, to_vocabulary, token_target, vocab_id
-from .common import draft, draw, sample_token
+from ..targets import Target, column_of, log_probs_on_support, on_columns, to_vocabulary, token_target
+from .common import draft
 
 
 def sample(session: Session, prompt: list[int], target: Target, params: SamplingParams,
@@ -39,29 +40,50 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         col = column_of(ids, chunk_t)          # the drafted tokens' columns; a token off this support
         on = chunk_t == (col if ids is None else ids[col])   # (rounding between two forwards) has p* = 0
         logq = on_columns(to_vocabulary(logq, drafted, logits.shape[-1]), ids)     # [k, U]
-        idx = col.view(-1, 1)
-        if params.greedy:
-            rejected = ((logp_star[:k].argmax(-1) != col) | ~on).tolist()
-        else:
-            p_star = logp_star[:k].gather(1, idx).squeeze(1).masked_fill(~on, float("-inf"))
-            ratio = p_star - logq.gather(1, idx).squeeze(1)
-            log_u = torch.rand(k, generator=rng, device=logq.device).log()
-            rejected = (log_u >= ratio).tolist()
-        n = rejected.index(True) if True in rejected else k
+        n, u, clamps = _verify(logp_star, logq, clamped if target.can_clamp else None, col, on, ids, rng,
+                               params.greedy)
         stats.proposals += min(n + 1, k)
         stats.accepted += n
-        if target.can_clamp:
-            stats.clamps += int((clamped[:k].gather(1, idx).squeeze(1) & on)[: n + 1].sum())
-        if params.greedy:
-            u = int(logp_star[n].argmax())
-        elif n < k:   # residual distribution at the first rejected position
-            residual = (logp_star[n].exp() - logq[n].exp()).clamp_min(0)
-            if float(residual.sum()) > 0:
-                u = int(draw(residual, 1, rng))
-            else:   # p* == q up to rounding: the residual is empty, p* itself is the answer
-                u = sample_token(logp_star[n], rng)
-        else:       # bonus token
-            u = sample_token(logp_star[k], rng)
-        out = chunk[:n] + [vocab_id(ids, u)]
+        stats.clamps += clamps
+        out = chunk[:n] + [u]
         seq.extend(out)
         yield out
+
+
+def _verify(logp_star: torch.Tensor, logq: torch.Tensor, clamped: torch.Tensor | None, col: torch.Tensor,
+            on: torch.Tensor, ids: torch.Tensor | None, rng: torch.Generator, greedy: bool) -> tuple[int, int, int]:
+    """The step's decisions on p* [k+1, U] and the draft's q [k, U] (log-probs on the columns `ids`,
+    vocabulary ids; None: all), the drafted tokens' columns col [k] and whether each is on p*'s
+    support (`on` [k]), with one read-back: n, the drafted tokens accepted (c_j kept iff
+    log u_j < log p*_j(c_j) - log q_j(c_j); greedy: iff c_j = argmax p*_j), the step's last token
+    (a vocabulary id; drawn from normalize(max(0, p*_n - q_n)) after a rejection, from p*_n where
+    that residual is empty (p* == q up to rounding), from p*_{k+1} after a whole chunk; greedy:
+    argmax p*_n) and the clamped scores among the tokens tested (`clamped` [k+1, U]; None: none
+    can be). The generator gives k uniforms, then one for the last token (none when greedy)."""
+    k = col.shape[0]
+    idx = col.view(-1, 1)
+    if greedy:
+        rejected = (logp_star[:k].argmax(-1) != col) | ~on                                 # [k]
+    else:
+        p_star = logp_star[:k].gather(1, idx).squeeze(1).masked_fill(~on, float("-inf"))
+        rejected = torch.rand(k, generator=rng, device=col.device).log() >= p_star - logq.gather(1, idx).squeeze(1)
+    n = torch.cat([rejected, rejected.new_ones(1)]).float().argmax().view(1)           # [1] first rejected, k: none
+    star = logp_star.index_select(0, n)                                                 # [1, U] p*_n
+    if greedy:
+        last, ok = star.argmax(-1), None
+    else:
+        q = torch.cat([logq, logq.new_full((1, logq.shape[1]), float("-inf"))]).index_select(0, n)   # q_n (none at k)
+        residual = (star.exp() - q.exp()).clamp_min(0)                                  # p*_k itself at n = k
+        cdf = torch.where(residual.sum() > 0, residual, star.exp()).cumsum(-1)          # [1, U]
+        u = torch.rand(1, generator=rng, device=cdf.device, dtype=cdf.dtype)
+        last, ok = inverse_cdf(cdf, u.view(1, 1)).view(1), usable(cdf[:, -1])
+    back = [n, last if ids is None else ids[last]]
+    if ok is not None:
+        back.append(ok.long())
+    if clamped is not None:
+        tested = torch.arange(k, device=col.device) <= n                               # c_1..c_{n+1}
+        back.append((clamped[:k].gather(1, idx).squeeze(1) & on & tested).sum().view(1))
+    n_i, last_i, *rest = torch.cat(back).tolist()                                      # the step's one read-back
+    if ok is not None and not rest.pop(0):
+        raise no_mass(cdf[0, -1])
+    return n_i, last_i, rest[0] if rest else 0
