@@ -1,6 +1,6 @@
 """SCR's chunk scoring for many generations at once (engine/scoring.py): each chunk gets what it
 would get alone, bit for bit, whatever its company; S_j is the prefixes' aggregated log ratios
-(eq. 7-8) computed over the whole vocabulary; the cascade's uniforms come from each generation's
+(eq. 1 and 4) computed over the whole vocabulary; the cascade's uniforms come from each generation's
 own generator; one read-back per kind of chunk."""
 from dataclasses import replace
 

@@ -1,13 +1,13 @@
 """Scoring drafted chunks of many generations at once: SCR's step 2 (samplers/scr.py).
 
 After the forward that scores a chunk C = c_1..c_k under the N preference models, SCR needs,
-per prefix C_{1:j}, its score S_j = agg(l(C_{1:j})) (eq. 7-8: l_i the sum of the prefix's token
+per prefix C_{1:j}, its score S_j = agg(l(C_{1:j})) (eq. 1 and 4: l_i the sum of the prefix's token
 log ratios log pi_i(c_m|.) - log pi_ref(c_m|.)), whether S_j was clamped, and a fresh uniform
-log u per cascade test. Run by each generation on its own that is ~50 tensor operations and a
-read-back per chunk, each a kernel launch or a wait for the stream on a GPU; a busy server
+log u per cascade test. Run by each generation on its own that was 67 tensor operations and 3
+read-backs per chunk, each a kernel launch or a wait for the stream on a GPU; a busy server
 scores a chunk for about one generation in k + 1 of every forward. `score_chunks` runs it for
 every chunk scored in one forward at once: one set of operations for all of them, a `rand` from
-each generation's own generator, and one read-back per group (bench/sampler_overhead.py counts
+each generation's own generator, and one read-back per group (bench/scr_scoring.py counts
 both).
 
 A chunk's result does not depend on its company. Chunks are grouped by what changes the
