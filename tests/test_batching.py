@@ -210,7 +210,7 @@ def _concurrently(gen, jobs: list[dict]) -> list[list[int]]:
     return [out.get(i) for i in range(len(jobs))]
 
 
-def test_concurrent_draws_are_made_together_in_their_forward_and_match_running_alone(pair):
+def test_concurrent_draws_are_made_together_in_their_forward_and_match_running_alone(pair, monkeypatch):
     """The draws of every generation in a forward are made at once after it (engine/draws.py):
     the reference's (drafts, `base`) whatever each one's temperature / top-p / greedy, and the
     `token` steps' p* and the token-rs steps' first blocks per set of weights; and SCR's chunks
@@ -237,19 +237,23 @@ def test_concurrent_draws_are_made_together_in_their_forward_and_match_running_a
         sizes["rs"].append(sum(c.draw.propose > 0 for c in calls))
         draw_calls(calls)
 
-    scored, score_calls = [], b.score_calls
+    scored, cascades, score_calls = [], [], b.score_calls
 
     def scoring(calls):
-        scored.append(sum(c.score.rng is not None for c in calls))      # chunks scored for a cascade
+        scored.append(len(calls))
+        cascades.append(sum(c.score.rng is not None for c in calls))   # scored with the cascade's uniforms
         score_calls(calls)
 
     b.draw_calls, b.score_calls = counted, scoring
+    # every forward waits for all the generations the last one served (bounded: 1,000 forwards' time),
+    # so the three SCR generations, which all draft 4 tokens first, score their first chunks together
+    monkeypatch.setattr(b, "gather_wait", 1000.0)
     try:
         assert _concurrently(batched, jobs) == alone
     finally:
         del b.draw_calls, b.score_calls
     assert max(sizes[False]) >= 3 and max(sizes[True]) >= 3 and max(sizes["rs"]) == 2   # several in one forward
-    assert max(scored) >= 2
+    assert max(scored) == 3 and sum(cascades) > 0
 
 
 def test_an_error_reaches_every_call_of_the_batch_and_the_backend_goes_on(pair):
