@@ -4,10 +4,10 @@ session's bookkeeping), which a busy server's forward waits for (docs/batching.m
 
 Seeded generations on the default model with the shipped MBTI adapters, one after another, on
 ONE thread (a generation thread's tensor work runs on one core: backends/omp.py); the time in
-the backend's forwards is measured and taken out, except the reference's draws the batched
-backend makes in them for the samplers (engine/draws.py), which are the samplers' work. The
-digest of the generated tokens lets two trees be compared (`PYTHONPATH=<tree>/src`): equal
-digests, equal tokens.
+the backend's forwards is measured and taken out, except the draws and chunk scores the
+batched backend makes in them for the samplers (engine/draws.py, engine/scoring.py), which are
+the samplers' work. The digest of the generated tokens lets two trees be compared
+(`PYTHONPATH=<tree>/src`): equal digests, equal tokens.
 
 Then one more, untimed pass counts what the sampler asks of PyTorch between forwards: tensor
 operations (on a GPU each is a kernel launch or more, from the generation's thread under the
@@ -63,16 +63,20 @@ def measure(gen: Generator, method: str, requests: int, tokens: int, top_p: floa
         in_model[0] += time.perf_counter() - start
         forwards[0] += 1
 
-    draw_calls = getattr(backend, "draw_calls", None)   # the sampler's draws, made inside `run` (engine/draws.py)
+    # the sampler's draws and chunk scores, made inside `run` (engine/draws.py, engine/scoring.py);
+    # a tree from before has only the draws, or neither
+    samplers_work = {name: getattr(backend, name) for name in ("draw_calls", "score_calls") if hasattr(backend, name)}
 
-    def untimed_draws(calls):
-        start = time.perf_counter()
-        draw_calls(calls)
-        in_model[0] -= time.perf_counter() - start
+    def untimed(f):
+        def made_in_run(calls):
+            start = time.perf_counter()
+            f(calls)
+            in_model[0] -= time.perf_counter() - start
+        return made_in_run
 
     backend.run = timed_run
-    if draw_calls is not None:
-        backend.draw_calls = untimed_draws
+    for name, f in samplers_work.items():
+        setattr(backend, name, untimed(f))
     try:
         def go(n: int) -> list[list[int]]:
             return [gen.generate(PROMPTS[j % 4], method=method, persona=PERSONAS[j % 4], seed=j,
@@ -89,8 +93,8 @@ def measure(gen: Generator, method: str, requests: int, tokens: int, top_p: floa
         in_model[0], forwards[0] = timed_model, timed_forwards
     finally:
         backend.run = run
-        if draw_calls is not None:
-            del backend.draw_calls
+        for name in samplers_work:
+            delattr(backend, name)
     n_tokens = sum(len(t) for t in out)
     outside = wall - in_model[0]
     return {"method": method, "tokens": n_tokens, "calls": forwards[0], "wall": wall, "model": in_model[0],
