@@ -5,8 +5,8 @@ measured side by side (methods interleaved in each repeat), plus transformers' o
     python bench/engine_speed.py [--n 2 4 8] [--backends fast lora] [--tokens 64] [--repeats 3] [--out docs/speed.md]
 
 A backend name with ":plain" (e.g. batched:plain) runs it with PyTorch's default linear
-kernels instead of prepacked weights, ":onednn" or ":avx2" on that linear kernel (packing.py;
-default: the one chosen for this CPU); `generate() [onednn]` / `[avx2]` is transformers' loop on a
+kernels instead of prepacked weights, ":onednn", ":avx2" or ":avx512" on that linear kernel (packing.py;
+default: the one chosen for this CPU); `generate() [onednn]`, `[avx2]`, `[avx512]` is transformers' loop on a
 reference whose linear layers were packed the same way.
 """
 
@@ -39,7 +39,7 @@ METHODS = ["base", "token", "token-rs", "scr", "spec"]
 
 
 def generator(spec: str, adapters: dict[str, str]) -> Generator:
-    """A generator for "BACKEND[:plain|:onednn|:avx2]" (see the module docstring)."""
+    """A generator for "BACKEND[:plain|:onednn|:avx2|:avx512]" (see the module docstring)."""
     backend, _, kernel = spec.partition(":")
     before = os.environ.get(ENV)
     if kernel in KERNELS:
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--backends", nargs="+", default=["fast", "lora"],
                     help="batched, fast (multi-LoRA), lora (PEFT adapter_names=), separate (merged copies); "
-                         "NAME:plain without prepacked weights, NAME:onednn / NAME:avx2 on that linear kernel")
+                         "NAME:plain without prepacked weights, NAME:onednn / :avx2 / :avx512 on that linear kernel")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--k", type=int, default=4)

@@ -66,5 +66,5 @@ def _on_one_core_and_in_a_team(f: Callable[[], torch.Tensor]) -> tuple[torch.Ten
 
 @pytest.fixture
 def one_core_and_team():
-    """_on_one_core_and_in_a_team, for the kernels' tests (test_avx2, test_cpu_attention)."""
+    """_on_one_core_and_in_a_team, for the kernels' tests (test_cpu_linear, test_cpu_attention)."""
     return _on_one_core_and_in_a_team

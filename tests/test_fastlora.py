@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 
 from personamix import Generator, PersonamixError
 from personamix.backends import cpu_lora
-from personamix.backends.avx2 import Avx2Linear
+from personamix.backends.avx2 import PanelLinear
 from personamix.backends.multilora import UnsupportedAdapter
 from personamix.backends.onednn import PackedLinear
 from personamix.engine.session import Session
@@ -104,12 +104,13 @@ def test_adapters_cost_their_own_size_not_a_model_copy(mixed, onednn):
     model = gen.backend.model
     plain = LlamaForCausalLM.from_pretrained(base)
     n_weights = sum(p.numel() for p in model.parameters())
-    packed = [m for m in model.modules() if isinstance(m, (PackedLinear, Avx2Linear))]
+    packed = [m for m in model.modules() if isinstance(m, (PackedLinear, PanelLinear))]
     assert (len(packed) > 0) == onednn
     n_weights += sum(m.in_features * m.out_features for m in packed)
-    for m in packed:   # the stored copy: oneDNN's, or the AVX2 kernel's panels (zero columns up to a multiple of 16)
+    for m in packed:   # the stored copy: oneDNN's, or our kernels' panels (zero columns up to a multiple of 16 or 32)
         stored = m.packed.numel() if isinstance(m, PackedLinear) else m.panels.numel()
-        assert m.in_features * m.out_features <= stored < m.in_features * (m.out_features + 16)
+        pad = 16 if isinstance(m, PackedLinear) else m.PANEL
+        assert m.in_features * m.out_features <= stored < m.in_features * (m.out_features + pad)
     tied_copy = plain.lm_head.weight.numel() if onednn and plain.config.tie_word_embeddings else 0
     assert n_weights == sum(p.numel() for p in plain.parameters()) + tied_copy   # packing: one copy of a tied lm_head
     extra = sum(b.numel() for b in model.buffers() if b.dim() == 3)            # stacked A and B

@@ -115,8 +115,9 @@ class Generator:
         preference models: `adapters` maps a name ("E", "N", ...) to a PEFT LoRA adapter
         directory / hub id, or to a full model (see backends.build_backend for `backend`). A string
         names adapters shipped for the default model: "mbti", "roleplay" or "mbti,roleplay".
-        onednn: on CPU, run linear layers with prepacked weights (faster; oneDNN's, or on AVX2-only CPUs
-            personamix's own kernel: backends/packing.py; PERSONAMIX_CPU_KERNEL chooses).
+        onednn: on CPU, run linear layers with prepacked weights (faster; on x86 CPUs with AVX2 or
+            AVX-512 personamix's own kernels, else oneDNN's: backends/packing.py;
+            PERSONAMIX_CPU_KERNEL chooses).
         dtype: the models' dtype; default fp32, or bf16 on a GPU that supports it."""
         if isinstance(adapters, str):
             adapters = shipped_adapters(adapters, model)

@@ -1,14 +1,16 @@
 """A CPU model's linear layers on the fastest prepacked kernel this CPU has: `pack_linears`.
 
-    onednn  oneDNN's blocked layout (onednn.py): the default, measured on AVX-512 CPUs
+    onednn  oneDNN's blocked layout (onednn.py): CPUs without AVX2, and bf16 models
     avx2    personamix's own kernel (avx2.py): where the CPU's widest vectors are AVX2, measured
             1.3-1.7x oneDNN's speed on a decoding step's rows there (docs/bench/avx2_linear.md)
+    avx512  its AVX-512 form (avx512.py): where the CPU has AVX-512, measured 1.06-1.5x oneDNN's
+            speed on 1-58 rows on a Zen 5, 0.89x on a 220-row prompt (docs/bench/avx512_linear.md)
 
-"auto" (the default) picks avx2 on an AVX2-only CPU, oneDNN elsewhere (the AVX2 kernel was not
-measured against oneDNN on an AVX-512 CPU); the environment variable PERSONAMIX_CPU_KERNEL
-(auto, onednn or avx2) overrides it for the whole process. A kernel that cannot run here
-(missing op or library, dtype, or output differing from F.linear on the model's first layer)
-leaves the model to the other one, or to PyTorch's own kernels, with a warning.
+"auto" (the default) picks by the CPU's widest vectors as above; the environment variable
+PERSONAMIX_CPU_KERNEL (auto, onednn, avx2 or avx512) overrides it for the whole process. A
+kernel that cannot run here (missing op or library, dtype, or output differing from F.linear on
+the model's first layer) leaves the model to the next one in KERNELS that can, or to PyTorch's
+own kernels, with a warning.
 """
 from __future__ import annotations
 
@@ -20,9 +22,13 @@ from torch import nn
 
 from ..errors import PersonamixError
 from .avx2 import Avx2Linear, avx2_problem
+from .avx512 import Avx512Linear, avx512_problem
 from .onednn import PackedLinear, packing_problem
 
-KERNELS = {"onednn": (PackedLinear, packing_problem), "avx2": (Avx2Linear, avx2_problem)}
+# in the order tried after the chosen one fails
+KERNELS = {"onednn": (PackedLinear, packing_problem), "avx2": (Avx2Linear, avx2_problem),
+           "avx512": (Avx512Linear, avx512_problem)}
+AUTO = {"AVX2": "avx2", "AVX512": "avx512"}   # by torch.backends.cpu.get_cpu_capability(); else onednn
 ENV = "PERSONAMIX_CPU_KERNEL"
 
 
@@ -30,9 +36,9 @@ def chosen_kernel() -> str:
     """The kernel `pack_linears` tries first: PERSONAMIX_CPU_KERNEL, or by the CPU (see above)."""
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if choice == "auto":
-        return "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "onednn"
+        return AUTO.get(torch.backends.cpu.get_cpu_capability(), "onednn")
     if choice not in KERNELS:
-        raise PersonamixError(f"{ENV} must be auto, onednn or avx2, got {choice!r}")
+        raise PersonamixError(f"{ENV} must be auto, {', '.join(KERNELS)}, got {choice!r}")
     return choice
 
 
@@ -71,9 +77,9 @@ def pack_linears(model: nn.Module, kernel: str | None = None) -> int:
 
 
 def linear_kernel(model: nn.Module) -> str | None:
-    """Which kernel runs `model`'s linear layers: onednn, avx2, or None (PyTorch's own)."""
+    """Which kernel runs `model`'s linear layers: onednn, avx2, avx512, or None (PyTorch's own)."""
     for m in model.modules():
         for name, (cls, _) in KERNELS.items():
-            if isinstance(m, cls):
+            if type(m) is cls:
                 return name
     return None
