@@ -145,6 +145,36 @@ def test_an_uninitialised_pool_is_left_so_only_where_the_kernel_attends(pair, mo
     assert all(c.logits.isfinite().all() for c in two_calls())
 
 
+def test_a_call_alone_is_packed_where_the_kernel_attends(pair, monkeypatch):
+    """On CPU with the attention kernel a call that finds no company (a prompt, then decoding
+    steps) runs the packed forward, as it would in company, and gets the fast backend's logits to
+    float rounding; where short calls attend in PyTorch's ops it runs the model's own forward,
+    exactly the fast backend's."""
+    batched, fast = pair
+    b = batched.backend
+    assert batching.uses_attention_kernel(b.model)
+    packed, real = [], batching.forward_calls
+
+    def counted(model, calls, *args):   # the real forward, counted
+        packed.append(len(calls))
+        return real(model, calls, *args)
+
+    monkeypatch.setattr(batching, "forward_calls", counted)
+
+    def logits(backend):
+        with Session(backend, ("E", "N")) as s:
+            return [s.logits("all", SEQ[:end], 2) for end in (12, 13, 14)]   # a prompt, then two steps
+
+    want = logits(fast.backend)
+    got = logits(b)
+    assert packed == [1, 1, 1]
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want))
+    packed.clear()
+    monkeypatch.setattr(batching, "CPU_ATTENTION", "sdpa")
+    got = logits(b)
+    assert packed == [] and all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 @pytest.mark.parametrize("lora", ["kernel", "torch"])
 @pytest.mark.parametrize("names", [("N",), ("T", "E")], ids=["gathered", "padded"])
 def test_packed_calls_over_some_of_the_adapters(pair, names, lora, monkeypatch):

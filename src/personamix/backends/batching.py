@@ -20,9 +20,11 @@ runs for all short calls (decoding steps and chunks, up to SHORT new tokens) at 
 layer over the pool's slots in use (on CPU two batched matmuls, elsewhere one SDPA call), each
 row masked to its own length (causal within its new tokens); long calls (prompts) attend call by call on
 views of their slots. What the mask and the index maps of a forward need is built once per
-forward, not per layer. A call that finds no company runs alone through the multi-LoRA
-backend's plain forward (its cache is an ordinary transformers cache over its slots), so a
-single generation costs what it costs on `fast`, bit for bit.
+forward, not per layer. A call that finds no company takes the same packed path where short
+calls attend in the CPU kernel (its plain decoder, kernels and columns-only output layer make a
+lone step ~1.2x faster than the model's own forward there, docs/batching.md "A call alone");
+elsewhere (GPU, PyTorch's attention) it runs through the multi-LoRA backend's forward (its cache
+an ordinary transformers cache over its slots), exactly as on `fast`.
 
 Around the forward: generation threads do their own tensor work on one core and the thread that
 runs a forward runs it on all of them, one OpenMP team at a time (omp.py); on CPU the generation
@@ -666,7 +668,7 @@ class BatchingBackend(Backend):
             whole = True          # logits over the whole vocabulary, also for calls that asked for columns
             if self.graphs is not None and self.graphs.run(calls):
                 pass              # a decoding step, replayed from a CUDA graph
-            elif len(calls) == 1:   # alone: exactly the fast backend's forward
+            elif len(calls) == 1 and not uses_attention_kernel(self.model):   # alone: the fast backend's forward
                 c = calls[0]
                 c.logits = self.lora.forward_call(c.group, c.tokens, c.cache, c.n_logits, c.names)
             else:
