@@ -111,7 +111,8 @@ def test_the_kernel_is_chosen_by_cpu_or_by_the_environment(monkeypatch):
     monkeypatch.delenv(packing.ENV, raising=False)
     capability = torch.backends.cpu.get_cpu_capability()
     assert chosen_kernel() == {"AVX2": "avx2", "AVX512": "avx512"}.get(capability, "onednn"), capability
-    for cpu, kernel in (("AVX512", "avx512"), ("AVX2", "avx2"), ("DEFAULT", "onednn"), ("ZVECTOR", "onednn")):
+    for cpu, kernel in (("AVX512", "avx512"), ("AVX512_VNNI", "avx512"), ("AVX2", "avx2"), ("DEFAULT", "onednn"),
+                        ("NO AVX", "onednn"), ("ZVECTOR", "onednn")):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda cpu=cpu: cpu)
         assert chosen_kernel() == kernel, cpu
     monkeypatch.setenv(packing.ENV, "oneDNN")

@@ -28,7 +28,7 @@ from .onednn import PackedLinear, packing_problem
 # in the order tried after the chosen one fails
 KERNELS = {"onednn": (PackedLinear, packing_problem), "avx2": (Avx2Linear, avx2_problem),
            "avx512": (Avx512Linear, avx512_problem)}
-AUTO = {"AVX2": "avx2", "AVX512": "avx512"}   # by torch.backends.cpu.get_cpu_capability(); else onednn
+AUTO = {"AVX512": "avx512", "AVX2": "avx2"}   # torch.backends.cpu.get_cpu_capability()'s prefix; else onednn
 ENV = "PERSONAMIX_CPU_KERNEL"
 
 
@@ -36,7 +36,8 @@ def chosen_kernel() -> str:
     """The kernel `pack_linears` tries first: PERSONAMIX_CPU_KERNEL, or by the CPU (see above)."""
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if choice == "auto":
-        return AUTO.get(torch.backends.cpu.get_cpu_capability(), "onednn")
+        capability = torch.backends.cpu.get_cpu_capability()
+        return next((kernel for isa, kernel in AUTO.items() if capability.startswith(isa)), "onednn")
     if choice not in KERNELS:
         raise PersonamixError(f"{ENV} must be auto, {', '.join(KERNELS)}, got {choice!r}")
     return choice
