@@ -18,12 +18,13 @@ if sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64",
     contract = {"pointwise": ["-ffp-contract=off"]}
     extensions += [Extension(
         f"personamix.backends._avx2_{name}", [f"src/personamix/backends/csrc/avx2_{name}.cpp"], language="c++",
-        depends=["src/personamix/backends/csrc/avx2_math.h"],
+        depends=["src/personamix/backends/csrc/avx2_math.h", "src/personamix/backends/csrc/panel_linear.h"],
         extra_compile_args=["-std=c++17", "-O3", "-mavx2", "-mfma", "-fopenmp", *contract.get(name, [])],
         extra_link_args=["-fopenmp"], optional=True) for name in ("linear", "attention", "lora", "pointwise")]
     # the linear kernel for AVX-512 CPUs (backends/avx512.py loads it only where the CPU has AVX-512)
     extensions.append(Extension(
         "personamix.backends._avx512_linear", ["src/personamix/backends/csrc/avx512_linear.cpp"], language="c++",
+        depends=["src/personamix/backends/csrc/panel_linear.h"],
         extra_compile_args=["-std=c++17", "-O3", "-mavx512f", "-mfma", "-fopenmp"], extra_link_args=["-fopenmp"],
         optional=True))
 

@@ -13,12 +13,13 @@
 // computes a 6 x 16 tile of y in 12 ymm registers: per k, 2 loads of W, 6 broadcasts of x,
 // 12 FMAs (the Haswell-era 6x16 tile of BLIS/oneDNN's own AVX2 kernels). OpenMP splits the
 // panels among the calling thread's team: the team of the OpenMP runtime PyTorch has loaded
-// (libgomp.so.1, matched by soname), so torch.set_num_threads and backends/omp.py govern it.
+// (libgomp.so.1, matched by soname), so torch.set_num_threads and backends/omp.py govern it
+// (panel_linear.h: the packing and the split, shared with avx512_linear.cpp).
 #include <immintrin.h>
-#include <omp.h>
 
 #include <cstdint>
-#include <vector>
+
+#include "panel_linear.h"
 
 namespace {
 
@@ -45,9 +46,10 @@ constexpr int MB = 6;   // rows per block of x (12 accumulators + 2 weights + 1 
         }                                                               \
     }
 
+struct Tile {  // y's MR x NR tile at one panel (panel_linear.h)
 template <int MR>
-inline void tile(const float* __restrict xb, const float* __restrict p, int64_t K, const float* __restrict bias,
-                 float* __restrict y, int64_t ldy, int ncols) {
+static inline void run(const float* __restrict xb, const float* __restrict p, int64_t K, const float* __restrict bias,
+                       float* __restrict y, int64_t ldy, int ncols) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols), lane);      // columns 0-7 to write
     const __m256i hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(ncols - 8), lane);  // columns 8-15
@@ -72,68 +74,17 @@ inline void tile(const float* __restrict xb, const float* __restrict p, int64_t 
     STORE_ROW(4);
     STORE_ROW(5);
 }
+};
 
 }  // namespace
 
 extern "C" {
 
-// P[ceil(N/NR)][K][NR] from W [N, K] (row-major); padding columns are 0.
-void pml_pack(const float* w, int64_t N, int64_t K, float* out) {
-    const int64_t panels = (N + NR - 1) / NR;
-    for (int64_t i = 0; i < panels; ++i)
-        for (int64_t k = 0; k < K; ++k)
-            for (int j = 0; j < NR; ++j) {
-                const int64_t n = i * NR + j;
-                out[(i * K + k) * NR + j] = n < N ? w[n * K + k] : 0.f;
-            }
-}
+void pml_pack(const float* w, int64_t N, int64_t K, float* out) { pml::pack_panels<NR>(w, N, K, out); }
 
 // y [M, N] = x [M, K] (row-major) @ W^T + bias (bias may be null); P from pml_pack.
 void pml_linear(const float* x, int64_t M, int64_t K, const float* P, const float* bias, int64_t N, float* y) {
-    const int64_t blocks = (M + MB - 1) / MB, panels = (N + NR - 1) / NR;
-    // x in blocks: a decoding step's few rows in a buffer the thread keeps (no allocation per
-    // call), a prompt's many in one of their own (a server's threads would otherwise each keep
-    // the largest they ever saw)
-    constexpr int64_t KEEP = 64 * 1024;   // floats
-    thread_local std::vector<float> kept;
-    std::vector<float> own;
-    std::vector<float>& xs = blocks * K * MB <= KEEP ? kept : own;
-    xs.resize(blocks * K * MB);   // no zeros: a last block of MR < MB rows is read by tile<MR>, its rows only
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int m = 0; m < MB && b * MB + m < M; ++m)
-            for (int64_t k = 0; k < K; ++k) xs[(b * K + k) * MB + m] = x[(b * MB + m) * K + k];
-    const float* xp = xs.data();
-    auto panel = [&](int64_t i) {   // panel i (NR output columns) for every block of rows
-        const float* p = P + i * K * NR;
-        const int ncols = N - i * NR < NR ? static_cast<int>(N - i * NR) : NR;
-        const float* bi = bias ? bias + i * NR : nullptr;
-        for (int64_t b = 0; b < blocks; ++b) {
-            const float* xb = xp + b * K * MB;
-            float* yb = y + b * MB * N + i * NR;
-            switch (M - b * MB < MB ? M - b * MB : MB) {
-                case 1: tile<1>(xb, p, K, bi, yb, N, ncols); break;
-                case 2: tile<2>(xb, p, K, bi, yb, N, ncols); break;
-                case 3: tile<3>(xb, p, K, bi, yb, N, ncols); break;
-                case 4: tile<4>(xb, p, K, bi, yb, N, ncols); break;
-                case 5: tile<5>(xb, p, K, bi, yb, N, ncols); break;
-                default: tile<6>(xb, p, K, bi, yb, N, ncols); break;
-            }
-        }
-    };
-    // a team for any weight of more than 128 KB (streaming it takes longer than waking a thread);
-    // one thread below that. From 4 blocks of rows on, panels are handed out one at a time, not in
-    // equal halves: a thread that joins late (woken from sleep, preempted) then takes fewer,
-    // instead of the others waiting for it at the end (60-120 rows 1.05-1.10x); a decoding step's
-    // few rows keep equal halves, where a panel is too little work for the hand-out's cost
-    // (docs/bench/avx2_linear.md)
-    const bool team = panels * K * NR >= 32768;
-    if (blocks >= 4) {
-#pragma omp parallel for schedule(dynamic, 1) if (team)
-        for (int64_t i = 0; i < panels; ++i) panel(i);
-    } else {
-#pragma omp parallel for schedule(static) if (team)
-        for (int64_t i = 0; i < panels; ++i) panel(i);
-    }
+    pml::panel_linear<NR, MB, Tile>(x, M, K, P, bias, N, y);
 }
 
 }  // extern "C"

@@ -9,21 +9,23 @@
 // per call into blocks of MB = 12 rows, [K][MB]. The micro-kernel computes a 12 x 32 tile of y in
 // 24 zmm registers: per k, 2 loads of W, 12 broadcasts of x (memory operands of the FMAs), 24
 // FMAs (the 32 x 12 tile of BLIS's and oneDNN's own AVX-512 sgemm kernels). OpenMP splits the
-// panels among the calling thread's team in PyTorch's OpenMP runtime, as in avx2_linear.cpp.
+// panels among the calling thread's team in PyTorch's OpenMP runtime (panel_linear.h, shared
+// with avx2_linear.cpp).
 #include <immintrin.h>
-#include <omp.h>
 
 #include <cstdint>
-#include <vector>
+
+#include "panel_linear.h"
 
 namespace {
 
 constexpr int NR = 32;  // output columns per panel (two zmm registers)
 constexpr int MB = 12;  // rows per block of x (24 accumulators + 2 weights of 32 zmm)
 
+struct Tile {  // y's MR x NR tile at one panel (panel_linear.h)
 template <int MR>
-inline void tile(const float* __restrict xb, const float* __restrict p, int64_t K, const float* __restrict bias,
-                 float* __restrict y, int64_t ldy, int ncols) {
+static inline void run(const float* __restrict xb, const float* __restrict p, int64_t K, const float* __restrict bias,
+                       float* __restrict y, int64_t ldy, int ncols) {
     // columns 0-15 and 16-31 that exist (a panel cut short writes only those)
     const __mmask16 lo = ncols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ncols) - 1);
     const __mmask16 hi = ncols >= 32 ? __mmask16(0xFFFF) : ncols <= 16 ? __mmask16(0) : __mmask16((1u << (ncols - 16)) - 1);
@@ -54,66 +56,17 @@ inline void tile(const float* __restrict xb, const float* __restrict p, int64_t 
         }
     }
 }
-
+};
 
 }  // namespace
 
 extern "C" {
 
-// P[ceil(N/NR)][K][NR] from W [N, K] (row-major); padding columns are 0.
-void pml_pack(const float* w, int64_t N, int64_t K, float* out) {
-    const int64_t panels = (N + NR - 1) / NR;
-    for (int64_t i = 0; i < panels; ++i)
-        for (int64_t k = 0; k < K; ++k)
-            for (int j = 0; j < NR; ++j) {
-                const int64_t n = i * NR + j;
-                out[(i * K + k) * NR + j] = n < N ? w[n * K + k] : 0.f;
-            }
-}
+void pml_pack(const float* w, int64_t N, int64_t K, float* out) { pml::pack_panels<NR>(w, N, K, out); }
 
 // y [M, N] = x [M, K] (row-major) @ W^T + bias (bias may be null); P from pml_pack.
 void pml_linear(const float* x, int64_t M, int64_t K, const float* P, const float* bias, int64_t N, float* y) {
-    const int64_t blocks = (M + MB - 1) / MB, panels = (N + NR - 1) / NR;
-    constexpr int64_t KEEP = 64 * 1024;   // floats: as in avx2_linear.cpp
-    thread_local std::vector<float> kept;
-    std::vector<float> own;
-    std::vector<float>& xs = blocks * K * MB <= KEEP ? kept : own;
-    xs.resize(blocks * K * MB);   // no zeros: a last block of MR < MB rows is read by tile<MR>, its rows only
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int m = 0; m < MB && b * MB + m < M; ++m)
-            for (int64_t k = 0; k < K; ++k) xs[(b * K + k) * MB + m] = x[(b * MB + m) * K + k];
-    const float* xp = xs.data();
-    auto panel = [&](int64_t i) {   // panel i (NR output columns) for every block of rows
-        const float* p = P + i * K * NR;
-        const int ncols = N - i * NR < NR ? static_cast<int>(N - i * NR) : NR;
-        const float* bi = bias ? bias + i * NR : nullptr;
-        for (int64_t b = 0; b < blocks; ++b) {
-            const float* xb = xp + b * K * MB;
-            float* yb = y + b * MB * N + i * NR;
-            switch (M - b * MB < MB ? M - b * MB : MB) {
-                case 1: tile<1>(xb, p, K, bi, yb, N, ncols); break;
-                case 2: tile<2>(xb, p, K, bi, yb, N, ncols); break;
-                case 3: tile<3>(xb, p, K, bi, yb, N, ncols); break;
-                case 4: tile<4>(xb, p, K, bi, yb, N, ncols); break;
-                case 5: tile<5>(xb, p, K, bi, yb, N, ncols); break;
-                case 6: tile<6>(xb, p, K, bi, yb, N, ncols); break;
-                case 7: tile<7>(xb, p, K, bi, yb, N, ncols); break;
-                case 8: tile<8>(xb, p, K, bi, yb, N, ncols); break;
-                case 9: tile<9>(xb, p, K, bi, yb, N, ncols); break;
-                case 10: tile<10>(xb, p, K, bi, yb, N, ncols); break;
-                case 11: tile<11>(xb, p, K, bi, yb, N, ncols); break;
-                default: tile<12>(xb, p, K, bi, yb, N, ncols); break;
-            }
-        }
-    };
-    const bool team = panels * K * NR >= 32768;   // as in avx2_linear.cpp
-    if (blocks >= 4) {
-#pragma omp parallel for schedule(dynamic, 1) if (team)
-        for (int64_t i = 0; i < panels; ++i) panel(i);
-    } else {
-#pragma omp parallel for schedule(static) if (team)
-        for (int64_t i = 0; i < panels; ++i) panel(i);
-    }
+    pml::panel_linear<NR, MB, Tile>(x, M, K, P, bias, N, y);
 }
 
 }  // extern "C"
