@@ -4,7 +4,7 @@ The AVX2 kernel (avx2.py) with 16-wide registers and twice as many of them: pane
 columns and tiles of 12 rows x 32 columns (csrc/avx512_linear.cpp). On the 2-core AMD EPYC /
 Zen 5 of docs/bench/avx512_linear.md oneDNN's matmul is close to the weights' stream at one row
 but not past a few: for the 1-58 rows of decoding steps and packed server forwards this kernel
-ran at 1.06-1.30x oneDNN's speed, at 0.89x for a 220-row prompt; the AVX2 kernel, bound by
+ran at 1.06-1.5x oneDNN's speed, at 0.82-1.0x for 220-1,000-row prompts; the AVX2 kernel, bound by
 8-wide arithmetic, fell to 0.63x oneDNN's at 58 rows there.
 
 `Avx512Linear` swaps in for an fp32 nn.Linear on CPU (outputs equal up to float rounding); the

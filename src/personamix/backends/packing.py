@@ -4,7 +4,7 @@
     avx2    personamix's own kernel (avx2.py): where the CPU's widest vectors are AVX2, measured
             1.3-1.7x oneDNN's speed on a decoding step's rows there (docs/bench/avx2_linear.md)
     avx512  its AVX-512 form (avx512.py): where the CPU has AVX-512, measured 1.06-1.5x oneDNN's
-            speed on 1-58 rows on a Zen 5, 0.89x on a 220-row prompt (docs/bench/avx512_linear.md)
+            speed on 1-58 rows on a Zen 5, 0.82-1.0x on 220-1,000-row prompts (docs/bench/avx512_linear.md)
 
 "auto" (the default) picks by the CPU's widest vectors as above; the environment variable
 PERSONAMIX_CPU_KERNEL (auto, onednn, avx2 or avx512) overrides it for the whole process. A
