@@ -150,7 +150,7 @@ def main() -> None:
         for pool in a.pools:
             for lora in a.lora:
                 for pointwise in a.pointwise:
-                    b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # idle: no tensors
+                    b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # (idle) drops its tensors
                     b.lora.rows.kernel = own_lora if lora == "default" else lora == "kernel"
                     if b.decoder is not None:
                         b.decoder.ops = {"default": own_ops, "torch": TorchOps, "kernel": KernelOps}[pointwise]

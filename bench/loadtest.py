@@ -87,6 +87,13 @@ def batching(url: str) -> tuple[float, ...]:
             b.get("row_tokens", 0), b.get("prompt_row_tokens", 0))
 
 
+def minor_faults(pid: int | None) -> int | None:
+    """The server process's minor page faults so far (/proc/PID/stat, field 10)."""
+    if pid is None:
+        return None
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def idle_rss_mb(url: str, pid: int | None) -> float | None:
     """The server's RSS once no request is in flight (it trims its heap when it goes idle)."""
     deadline = time.time() + 30
@@ -96,17 +103,33 @@ def idle_rss_mb(url: str, pid: int | None) -> float | None:
     return rss_mb(pid)
 
 
+def pool_released_rss_mb(url: str, pid: int | None, health: dict) -> tuple[float, float] | None:
+    """(seconds idle, the server's RSS) once its KV pool has dropped its tensors after the run (it keeps
+    them for kv_keep_idle_s once idle); None where the server has no such pool or no pid is known."""
+    keep = (health.get("batching") or {}).get("kv_keep_idle_s")
+    if keep is None or pid is None:
+        return None
+    start = time.time()
+    while time.time() - start < keep + 30:
+        if not httpx.get(url + "/health", timeout=10).json()["batching"]["kv_pool_held"]:
+            time.sleep(1.0)
+            return time.time() - start, rss_mb(pid)
+        time.sleep(0.5)
+    return None
+
+
 def level(url: str, clients: int, requests: int, max_tokens: int, method: str, pid: int | None,
           first: int, unique: bool = False) -> dict:
     """One level: `clients` clients, `requests` each, numbered from `first` in the run."""
     before = idle_rss_mb(url, pid)
-    counters = batching(url)
+    counters, faults = batching(url), minor_faults(pid)
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(url, i, max_tokens, method, first + i, unique),
                                 range(clients * requests)))
     wall = time.perf_counter() - start
     forwards, calls, busy, waited, row_tokens, prompt_rows = (x1 - x0 for x0, x1 in zip(counters, batching(url)))
+    faults = None if faults is None else minor_faults(pid) - faults
     ok = [r for r in results if "error" not in r]
     lat = sorted(r["latency"] for r in ok) or [float("nan")]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None) or [float("nan")]
@@ -117,6 +140,8 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
             "agg_tok_s": sum(r["tokens"] for r in ok) / wall, "rss_before_mb": before,
             "rss_after_mb": idle_rss_mb(url, pid),
             "batch": calls / forwards if forwards else None, "busy": busy / wall, "waited": waited / wall,
+            "ms_per_forward": 1000 * busy / forwards if forwards else None,
+            "faults_per_forward": faults / forwards if forwards and faults is not None else None,
             "row_tokens": row_tokens, "prompt_row_tokens": prompt_rows,
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
@@ -180,6 +205,7 @@ def main() -> None:
         rows = [level(url, c, r, a.max_tokens, a.method, proc.pid if proc else None, first, a.unique)
                 for c, r, first in zip(a.levels, per_client, firsts)]
         health = httpx.get(url + "/health", timeout=10).json()
+        released = pool_released_rss_mb(url, proc.pid if proc else None, health)
         saved = health.get("prefix_cache")
         taken = (health.get("batching") or {}).get("turns_taken_over")   # None: the server takes no turns
     finally:
@@ -189,7 +215,9 @@ def main() -> None:
     single = rows[0]["agg_tok_s"]
     head = ("| clients | requests | errors | dropped | p50 latency | p95 latency | TTFT p50 | aggregate tok/s | "
             "x 1 client | steps per forward | row-tokens per token (in prompts) | in forwards / waiting | "
-            "RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "ms per forward | server page faults per forward | "
+            "RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    dash = lambda x, f: "-" if x is None else format(x, f)
     lines = [head] + [
         f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s "
         f"| {r['p95_s']:.1f} s "
@@ -197,6 +225,7 @@ def main() -> None:
         f"| {'-' if r['batch'] is None else format(r['batch'], '.1f')} "
         f"| {r['row_tokens'] / max(r['tokens'], 1):.1f} ({r['prompt_row_tokens'] / max(r['tokens'], 1):.1f}) "
         f"| {r['busy']:.0%} / {r['waited']:.0%} "
+        f"| {dash(r['ms_per_forward'], '.1f')} | {dash(r['faults_per_forward'], '.0f')} "
         f"| {r['rss_before_mb'] or 0:.0f} -> {r['rss_after_mb'] or 0:.0f} MB |" for r in rows]
     last = [r for r in rows if r["clients"] == rows[-1]["clients"]]
     if len(last) > 1 and last[0]["rss_after_mb"]:
@@ -205,6 +234,9 @@ def main() -> None:
                      f"{last[0]['clients']}-client "
                      f"level, {last[-1]['rss_after_mb']:.0f} MB after the last ({growth:+.1%}; "
                      f"{sum(r['requests'] for r in last[1:])} more requests).")
+    if released:
+        lines.append(f"\nIdle memory once the KV pool dropped its tensors ({released[0]:.0f} s after the last level; "
+                     f"it keeps them {health['batching']['kv_keep_idle_s']:g} s once idle): {released[1]:.0f} MB.")
     info = (f"`personamix serve` (default model, shipped MBTI adapters), {a.method}, {a.max_tokens} new tokens per "
             f"request, {a.requests} streaming requests per client (at least {a.min_level_requests} per level), "
             f"personas cycling ENTJ/ISFP/INFJ/ESTP, "

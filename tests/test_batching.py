@@ -10,7 +10,15 @@ from transformers import AutoModelForCausalLM, CohereConfig, CohereForCausalLM, 
 
 from personamix import Generator, PersonamixError
 from personamix.backends import batching, cpu_lora, omp
-from personamix.backends.batching import ATTENTION, BatchingBackend, BatchingUnsupported, Call, _Batch, check_batchable
+from personamix.backends.batching import (
+    ATTENTION,
+    KEEP_IDLE_S,
+    BatchingBackend,
+    BatchingUnsupported,
+    Call,
+    _Batch,
+    check_batchable,
+)
 from personamix.backends.cache import KVPool, PreallocatedCache, SlabCache
 from personamix.backends.cpu_attention import attention_problem
 from personamix.backends.prefix_cache import PrefixCache
@@ -419,30 +427,86 @@ def test_an_unfilled_pool_grows_copying_only_the_positions_written_so_far():
     assert (pool.k[0][:4, :, 3:6] == 2).all() and pool.k[0][:, :, 6:].isnan().all()
 
 
-def test_a_finished_generation_gives_its_slots_back_at_once_and_an_idle_pool_holds_nothing(pair):
+def test_a_finished_generation_gives_its_slots_back_at_once_and_an_idle_pool_keeps_then_drops_its_tensors(pair):
     """Without the cycle collector (a slab's layers point back at it): the generation's end
-    releases its slots, and with none booked the pool drops its tensors (the load test's idle RSS)."""
+    releases its slots. With none booked the pool keeps its tensors for keep_idle_s (the next
+    generation writes into the same memory) and then drops them (the load test's idle RSS);
+    `drop` does it at once."""
     import gc
 
     batched, fast = pair
     pool = batched.backend.pool
+    assert pool.keep_idle_s == KEEP_IDLE_S > 1      # no timer fires during this test
     gc.collect()
     gc.disable()
     try:
         session = Session(batched.backend, ("E", "N"))
         session.logits("all", SEQ[:6], 1)
         assert pool.booked == 3 and len(pool.k) > 0
+        kept = pool.k[0]
         session.close()
-        assert pool.booked == 0 and pool.k == [] and pool.v == []
+        assert pool.booked == 0 and pool.k[0] is kept          # idle, and kept
         for method in ("scr", "token", "base"):
-            r = batched.generate(SEQ[:3], method=method, weights=None if method == "base" else {"E": 1.0, "T": 0.5},
-                                 max_new_tokens=8, seed=1, ignore_eos=True)
-            assert pool.booked == 0 and pool.k == []
-            again = fast.generate(SEQ[:3], method=method, weights=None if method == "base" else {"E": 1.0, "T": 0.5},
-                                  max_new_tokens=8, seed=1, ignore_eos=True)
-            assert r.token_ids == again.token_ids          # a pool made afresh gives the same tokens
+            weights = None if method == "base" else {"E": 1.0, "T": 0.5}
+            r = batched.generate(SEQ[:3], method=method, weights=weights, max_new_tokens=8, seed=1, ignore_eos=True)
+            assert pool.booked == 0 and pool.k[0] is kept      # the same memory, written again
+            assert pool.drop() and pool.k == [] and pool.v == []
+            again = batched.generate(SEQ[:3], method=method, weights=weights, max_new_tokens=8, seed=1,
+                                     ignore_eos=True)
+            assert pool.k[0] is not kept and (kept := pool.k[0]) is not None
+            plain = fast.generate(SEQ[:3], method=method, weights=weights, max_new_tokens=8, seed=1, ignore_eos=True)
+            assert r.token_ids == again.token_ids == plain.token_ids   # kept or made afresh: the same tokens
     finally:
         gc.enable()
+
+
+def test_an_idle_pool_drops_its_tensors_once_idle_for_keep_idle_s_unless_booked_again():
+    like = torch.randn(1, 2, 1, 3)
+    dropped = []
+    pool = KVPool(slots=2, capacity=4, keep_idle_s=3600, on_drop=lambda: dropped.append(1))
+    a = pool.reserve(2)
+    pool.ensure(0, 2, 4, like)
+    kept = pool.k[0]
+    pool.release(a, 2)
+    planned = pool._timer                                    # the drop, an hour from now
+    assert pool.booked == 0 and pool.k[0] is kept and planned is not None and planned.interval == 3600
+    b = pool.reserve(1)                                      # busy again before it fires ...
+    planned.function(*planned.args)                          # ... and should it fire anyway, it is void
+    assert pool.k[0] is kept and dropped == []
+    assert not pool.drop() and pool.k[0] is kept             # never while a slot is booked
+    with pytest.raises(RuntimeError, match="booked"):
+        pool.fill = float("nan")
+    pool.release(b, 1)
+    planned = pool._timer
+    planned.function(*planned.args)                          # idle since: it drops them
+    assert pool.k == [] and dropped == [1] and (pool.slots, pool.capacity) == (2, 4)
+    pool.reserve(1)
+    pool.ensure(0, 1, 2, like)
+    assert pool.k[0] is not kept
+
+    # a real timer: dropped within the bound, on_drop called once; keep_idle_s 0: at once
+    done = threading.Event()
+    pool = KVPool(keep_idle_s=0.05, on_drop=done.set)
+    pool.ensure(0, 1, 2, like)
+    pool.release(pool.reserve(1), 1)
+    assert done.wait(30) and pool.k == []
+    pool = KVPool(keep_idle_s=0, on_drop=lambda: dropped.append(2))
+    s = pool.reserve(1)
+    pool.ensure(0, 1, 2, like)
+    pool.release(s, 1)
+    assert pool.k == [] and dropped == [1, 2] and pool._timer is None
+    with pytest.raises(ValueError, match="keep_idle_s"):
+        KVPool(keep_idle_s=float("inf"))
+
+
+def test_setting_the_fill_of_an_idle_pool_drops_its_tensors():
+    pool = KVPool(slots=2, capacity=4, keep_idle_s=3600)
+    pool.release(pool.reserve(1), 1)
+    pool.ensure(0, 1, 2, torch.randn(1, 2, 1, 3))
+    pool.fill = float("nan")
+    assert pool.k == []
+    pool.ensure(0, 1, 2, torch.randn(1, 2, 1, 3))
+    assert pool.k[0].isnan().all()
 
 
 def test_the_prefix_cache_keeps_blocks_and_tails_per_row_kind_and_evicts_the_least_recently_used():
@@ -719,8 +783,10 @@ def test_a_generation_that_goes_quiet_is_waited_for_at_most_a_few_forwards(pair,
 
 
 @pytest.mark.parametrize("wait", [-1.0, float("inf"), float("nan")])
-def test_impossible_gather_waits_are_refused(tiny_ent, wait):
+def test_impossible_gather_waits_and_idle_keeps_are_refused(tiny_ent, wait):
     base, adapters = tiny_ent
     model = AutoModelForCausalLM.from_pretrained(base)
     with pytest.raises(PersonamixError, match="gather_wait"):
         BatchingBackend(model, adapters, gather_wait=wait)
+    with pytest.raises(PersonamixError, match="keep_idle_s"):
+        BatchingBackend(model, adapters, keep_idle_s=wait)

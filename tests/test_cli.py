@@ -33,7 +33,8 @@ def test_errors_are_one_clear_line(tiny_dir, capsys, extra, msg):
 
 @pytest.mark.parametrize("flag,value", [("--max-pending", "0"), ("--prefix-cache-mb", "-1"),
                                         ("--prefix-cache-mb", "nan"), ("--gather-wait", "-1"),
-                                        ("--gather-wait", "inf")])
+                                        ("--gather-wait", "inf"), ("--kv-keep-idle", "-1"),
+                                        ("--kv-keep-idle", "nan")])
 def test_serve_refuses_impossible_settings_before_loading_anything(capsys, flag, value):
     assert main(["serve", "--model", "/nonexistent/model", flag, value]) == 2
     err = capsys.readouterr().err

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from openai import OpenAI
 
 from personamix import Generator
-from personamix.backends.batching import GATHER_WAIT
+from personamix.backends.batching import GATHER_WAIT, KEEP_IDLE_S
 from personamix.backends.packing import chosen_kernel
 from personamix.serving import create_app
 from personamix.testing import save_chat_tiny, save_lora
@@ -70,6 +70,17 @@ def client(server):
 EXT = {"persona": "EN", "method": "scr", "k": 3, "window": 10, "gamma": 1.5, "seed": 7}
 
 
+def test_the_server_trims_the_c_heap_when_the_idle_kv_pool_drops_its_tensors(server, gen):
+    """The server trims the C heap when it goes idle; the KV pool drops its tensors keep_idle_s
+    later (cache.KVPool), so the server trims again then (the pool's on_drop), or idle RSS stays high."""
+    import ctypes.util
+
+    if ctypes.util.find_library("c") is None:
+        pytest.skip("no C library to trim here (the server trims glibc's heap only)")
+    assert gen.backend.pool.on_drop is not None
+    gen.backend.pool.on_drop()                     # malloc_trim(0)
+
+
 def test_chat_completion_with_extensions(client):
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "what do you like"}],
                                        max_tokens=8, extra_body=EXT)
@@ -109,6 +120,7 @@ def test_models_health_and_playground(server, client):
     assert health["batching"]["calls"] >= health["batching"]["forwards"]
     assert health["batching"]["row_tokens"] >= health["batching"]["prompt_row_tokens"] > 0
     assert health["batching"]["gather_wait"] == GATHER_WAIT and health["batching"]["waited_s"] >= 0
+    assert health["batching"]["kv_keep_idle_s"] == KEEP_IDLE_S and isinstance(health["batching"]["kv_pool_held"], bool)
     assert health["batching"]["turns_taken_over"] >= 0    # on CPU generations take turns (turns.py)
     assert health["batching"]["plain_decoder"] is True       # a Llama: packed forwards skip transformers' Python
     assert health["batching"]["pointwise_ops"] in ("kernel", "torch")   # its norms' and rope's (cpu_pointwise.py)

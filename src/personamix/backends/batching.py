@@ -79,6 +79,9 @@ if CPU_ATTENTION not in ("kernel", "grouped", "sdpa"):
     raise PersonamixError(f"PERSONAMIX_CPU_ATTENTION={CPU_ATTENTION!r}: expected kernel, grouped or sdpa")
 #: BatchingBackend's default gather_wait (see there); measured in docs/batching.md ("Gathering")
 GATHER_WAIT = 1.0
+#: BatchingBackend's default keep_idle_s: how long an idle KV pool keeps its tensors (cache.KVPool);
+#: measured in docs/batching.md ("Keeping the pool between bursts")
+KEEP_IDLE_S = 10.0
 #: a generation's turn between forwards (turns.py) lasts at most this many forwards' durations
 TURN_LIMIT = 0.5
 
@@ -456,6 +459,10 @@ class BatchingBackend(Backend):
     logits; `decoder` is None where the model's own forward runs instead. On CPU its pointwise
     steps run in AVX2 kernels where those pass the probe too (`decoder.ops`, cpu_pointwise.py).
 
+    keep_idle_s: how long the KV pool keeps its tensors once no generation is in flight, so that
+    the next burst writes into memory already mapped instead of faulting in every page anew
+    (cache.KVPool; 0: drop them at once). `pool.on_drop` may be set to trim the C heap after.
+
     cuda_graphs: run decoding steps (every call of a forward at most SHORT new tokens) as CUDA
     graph replays, one graph per padded shape (cuda_graphs.py); None: on a CUDA device. True
     elsewhere runs the same padded steps eagerly (what the tests compare). `graphs` (None when
@@ -468,9 +475,10 @@ class BatchingBackend(Backend):
 
     def __init__(self, model: PreTrainedModel, adapters: dict[str, str], onednn: bool = True,
                  gather_wait: float = GATHER_WAIT, cuda_graphs: bool | None = None,
-                 take_turns: bool | None = None, plain_decoder: bool = True):
-        if not 0 <= gather_wait < float("inf"):
-            raise PersonamixError(f"gather_wait must be a finite number >= 0, got {gather_wait}")
+                 take_turns: bool | None = None, plain_decoder: bool = True, keep_idle_s: float = KEEP_IDLE_S):
+        for name, value in (("gather_wait", gather_wait), ("keep_idle_s", keep_idle_s)):
+            if not 0 <= value < float("inf"):
+                raise PersonamixError(f"{name} must be a finite number >= 0, got {value}")
         check_batchable(model)   # before attaching anything: a refusal leaves the model untouched
         self.lora = MultiLoraBackend(model, adapters, onednn)
         self.model = model
@@ -482,7 +490,8 @@ class BatchingBackend(Backend):
             cuda_graphs = self.device.type == "cuda"
         # every generation's keys and values (cache.KVPool); not zeroed where only what was written is
         # read (not so in CUDA graphs' padded steps)
-        self.pool = KVPool(fill=None if uses_attention_kernel(model) and not cuda_graphs else 0.0)
+        self.pool = KVPool(fill=None if uses_attention_kernel(model) and not cuda_graphs else 0.0,
+                           keep_idle_s=keep_idle_s)
         self.decoder = self._packed_decoder() if plain_decoder else None
         omp.release_team()                     # the probe's forwards gave this thread a team: one at a time
         self._queue: list[Call] = []           # calls waiting for the next forward

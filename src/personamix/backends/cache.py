@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -91,25 +92,54 @@ class KVPool:
     under a mask (a region of slots, padded steps: uninitialised memory can hold NaN, which a mask
     does not cancel, NaN * 0 = NaN); None (left uninitialised: no zeroing, and only the pages
     written are ever touched) where every read stays within what its row wrote (the CPU attention
-    kernel, cpu_attention.py). Tests fill NaN to prove a path reads only what was written. It may
-    be changed while no slot is booked (the pool holds no tensors then).
+    kernel, cpu_attention.py). Tests fill NaN to prove a path reads only what was written. Setting
+    it drops the tensors (made again, filled so, by the next forward); nothing may be booked then.
+
+    `keep_idle_s`: how long a pool with nothing booked keeps its tensors before dropping them (0:
+    at once). Memory the pool has written to stays mapped while it is kept, so the generations of
+    the next burst write their keys and values into pages that are already there; a pool made
+    afresh pays a page fault for every 4 KB it writes (on the CPU each forward writes ~3 MB at 64
+    rows: ~700 faults, ~2.3 us each in a VM; docs/batching.md, "Keeping the pool between bursts").
+    Dropping after a quiet spell, not at once, is how allocators return memory too (jemalloc's
+    dirty_decay_ms, 10 s). `on_drop` is called (outside the lock) after the tensors are dropped,
+    e.g. to trim the C heap.
     """
 
-    def __init__(self, slots: int = 16, capacity: int = 256, fill: float | None = 0.0):
+    def __init__(self, slots: int = 16, capacity: int = 256, fill: float | None = 0.0, keep_idle_s: float = 0.0,
+                 on_drop: Callable[[], None] | None = None):
+        if not 0 <= keep_idle_s < float("inf"):
+            raise ValueError(f"keep_idle_s must be a finite number >= 0, got {keep_idle_s}")
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
         self.slots, self.capacity = slots, capacity     # the tensors' size (once made)
-        self.fill = fill
+        self._fill = fill
+        self.keep_idle_s, self.on_drop = keep_idle_s, on_drop
         self._high = 0                                  # positions [high, capacity) hold `fill` in every slot
         self._initial = (slots, capacity)
         self._used: list[bool] = []                     # booked slot numbers (may exceed `slots`)
         self._lock = threading.Lock()
         self._collected: deque[tuple[int, int]] = deque()   # slots of caches the garbage collector freed
+        self._bookings = 0                              # reservations so far: a drop planned before the last is void
+        self._timer: threading.Timer | None = None      # the planned drop of an idle pool
+
+    @property
+    def fill(self) -> float | None:
+        return self._fill
+
+    @fill.setter
+    def fill(self, value: float | None) -> None:
+        if not self.drop():
+            raise RuntimeError("KVPool.fill changed while slots are booked")
+        self._fill = value
 
     def reserve(self, rows: int) -> int:
         """The first slot of a free run of `rows` slots, booked."""
         with self._lock:
             self._drain()
+            self._bookings += 1
+            if self._timer is not None:   # busy again: the idle pool's drop is off
+                self._timer.cancel()
+                self._timer = None
             run = 0
             for i, used in enumerate(self._used):
                 run = 0 if used else run + 1
@@ -124,12 +154,15 @@ class KVPool:
             return start
 
     def release(self, start: int, rows: int) -> None:
-        """Give the slots back; when none is booked any more, drop the tensors (made again, at
-        the initial size, by the next forward), so an idle backend holds no keys and values.
-        No forward can be using them then: a forward's calls keep their slots booked."""
+        """Give the slots back; when none is booked any more, the tensors are dropped (made again,
+        at the initial size, by the next forward) after `keep_idle_s`, so an idle backend holds no
+        keys and values for long. No forward can be using them then: a forward's calls keep their
+        slots booked."""
         with self._lock:
             self._collected.append((start, rows))
-            self._drain()
+            dropped = self._drain()
+        if dropped and self.on_drop is not None:
+            self.on_drop()
 
     def release_later(self, start: int, rows: int) -> None:
         """`release` for a cache the garbage collector found: it may run in any thread at any
@@ -137,17 +170,56 @@ class KVPool:
         are only noted here and go back at the pool's next use."""
         self._collected.append((start, rows))     # deque.append: atomic, no lock
 
-    def _drain(self) -> None:
-        """(Under the lock) free the slots noted by release / release_later."""
+    def _drain(self) -> bool:
+        """(Under the lock) free the slots noted by release / release_later; when that leaves none
+        booked, drop the tensors (keep_idle_s 0: returns True) or plan their drop."""
         while self._collected:
             start, rows = self._collected.popleft()
             for i in range(start, start + rows):
                 self._used[i] = False
-        if self._used and not any(self._used):
-            self._used.clear()
-            self.k, self.v = [], []
-            self.slots, self.capacity = self._initial
-            self._high = 0
+        if not self._used or any(self._used):
+            return False
+        self._used.clear()
+        if self.keep_idle_s <= 0:
+            self._drop()
+            return True
+        if self._timer is None:
+            self._timer = threading.Timer(self.keep_idle_s, self._drop_if_idle, args=(self._bookings,))
+            self._timer.daemon = True
+            self._timer.start()
+        return False
+
+    def _drop(self) -> None:
+        """(Under the lock, nothing booked) drop the tensors."""
+        self.k, self.v = [], []
+        self.slots, self.capacity = self._initial
+        self._high = 0
+
+    def _drop_if_idle(self, bookings: int) -> None:
+        """The planned drop: void if a slot was booked since it was planned."""
+        with self._lock:
+            if self._bookings != bookings:
+                return
+            self._timer = None
+            had = bool(self.k)
+            self._drop()
+        if had and self.on_drop is not None:
+            self.on_drop()
+
+    def drop(self) -> bool:
+        """Drop the tensors now if nothing is booked (else keep them); whether the pool now holds none."""
+        with self._lock:
+            dropped = self._drain()
+            if any(self._used):
+                return False
+            had = dropped or bool(self.k)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._drop()
+        if had and self.on_drop is not None:
+            self.on_drop()
+        return True
 
     @property
     def booked(self) -> int:
@@ -175,7 +247,7 @@ class KVPool:
         self._high = max(self._high, length)
 
     def _new(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        return like.new_empty(shape) if self.fill is None else like.new_full(shape, self.fill)
+        return like.new_empty(shape) if self._fill is None else like.new_full(shape, self._fill)
 
     def _grown(self, t: torch.Tensor, slots: int, capacity: int) -> torch.Tensor:
         """t in a larger tensor: only the positions written so far are copied (in a fresh pool of

@@ -24,6 +24,10 @@ def register(sub) -> None:
                    help="batched backend: how long a forward may wait for the requests the previous forward "
                         "served to queue their next step, in forwards' durations; 0: start at once "
                         "(default: 1.0; docs/batching.md)")
+    s.add_argument("--kv-keep-idle", type=float, default=None, metavar="SECONDS",
+                   help="batched backend: how long the KV pool keeps its memory once no request is in flight, "
+                        "so the next burst does not fault it in again; 0: release it at once "
+                        "(default: 10; docs/batching.md)")
     s.add_argument("--no-cuda-graphs", action="store_true",
                    help="batched backend on a GPU: run every forward eagerly instead of replaying decoding "
                         "steps from CUDA graphs (backends/cuda_graphs.py)")
@@ -39,12 +43,18 @@ def run(a: argparse.Namespace) -> None:
         raise PersonamixError(f"--prefix-cache-mb must be >= 0, got {a.prefix_cache_mb}")
     if a.gather_wait is not None and not 0 <= a.gather_wait < float("inf"):
         raise PersonamixError(f"--gather-wait must be a finite number >= 0, got {a.gather_wait}")
+    if a.kv_keep_idle is not None and not 0 <= a.kv_keep_idle < float("inf"):
+        raise PersonamixError(f"--kv-keep-idle must be a finite number >= 0, got {a.kv_keep_idle}")
     gen = load_generator(a)
     gen.backend.cache_prefixes(a.prefix_cache_mb)      # where the backend can (the batched one)
     if a.gather_wait is not None:
         if not gen.backend.shares_forwards:
             raise PersonamixError(f"--gather-wait needs the batched backend; this one is {gen.backend.kind!r}")
         gen.backend.gather_wait = a.gather_wait
+    if a.kv_keep_idle is not None:
+        if not gen.backend.shares_forwards:
+            raise PersonamixError(f"--kv-keep-idle needs the batched backend; this one is {gen.backend.kind!r}")
+        gen.backend.pool.keep_idle_s = a.kv_keep_idle
     if a.no_cuda_graphs and gen.backend.shares_forwards:
         gen.backend.stop_cuda_graphs()
     if a.engine:

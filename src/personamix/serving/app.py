@@ -184,7 +184,11 @@ class Server:
                  default_max_tokens: int):
         self.gen, self.model_id = gen, model_id
         self.max_body_bytes, self.default_max_tokens = max_body_bytes, default_max_tokens
-        self.admission = Admission(max_pending, _glibc())
+        libc = _glibc()
+        self.admission = Admission(max_pending, libc)
+        pool = getattr(gen.backend, "pool", None)
+        if pool is not None and libc is not None:   # the KV pool dropped later than the idle trim: trim again
+            pool.on_drop = lambda: libc.malloc_trim(0)
         # one thread per admitted request, so that all of them can be in a forward at once (with the
         # batched backend they then share it); asyncio's default pool has only cpu_count + 4 threads
         self.workers = ThreadPoolExecutor(max_workers=max_pending, thread_name_prefix="personamix")
@@ -295,7 +299,8 @@ class Server:
             body["batching"] = {"forwards": backend.forwards, "calls": backend.calls,
                                 "row_tokens": backend.row_tokens, "prompt_row_tokens": backend.prompt_row_tokens,
                                 "busy_s": round(backend.busy_s, 3), "waited_s": round(backend.waited_s, 3),
-                                "gather_wait": backend.gather_wait, "plain_decoder": backend.decoder is not None,
+                                "gather_wait": backend.gather_wait, "kv_keep_idle_s": backend.pool.keep_idle_s,
+                                "kv_pool_held": bool(backend.pool.k), "plain_decoder": backend.decoder is not None,
                                 "pointwise_ops": backend.decoder.ops.name if backend.decoder is not None else None,
                                 "turns_taken_over": None if backend.turns is None else backend.turns.taken_over}
             graphs = backend.graphs
