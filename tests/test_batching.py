@@ -499,10 +499,13 @@ def test_an_idle_pool_drops_its_tensors_once_idle_for_keep_idle_s_unless_booked_
         KVPool(keep_idle_s=float("inf"))
 
 
-def test_setting_the_fill_of_an_idle_pool_drops_its_tensors():
+def test_changing_the_fill_of_an_idle_pool_drops_its_tensors():
     pool = KVPool(slots=2, capacity=4, keep_idle_s=3600)
     pool.release(pool.reserve(1), 1)
     pool.ensure(0, 1, 2, torch.randn(1, 2, 1, 3))
+    kept = pool.k[0]
+    pool.fill = 0.0                                          # unchanged: kept
+    assert pool.k[0] is kept
     pool.fill = float("nan")
     assert pool.k == []
     pool.ensure(0, 1, 2, torch.randn(1, 2, 1, 3))

@@ -92,7 +92,7 @@ class KVPool:
     under a mask (a region of slots, padded steps: uninitialised memory can hold NaN, which a mask
     does not cancel, NaN * 0 = NaN); None (left uninitialised: no zeroing, and only the pages
     written are ever touched) where every read stays within what its row wrote (the CPU attention
-    kernel, cpu_attention.py). Tests fill NaN to prove a path reads only what was written. Setting
+    kernel, cpu_attention.py). Tests fill NaN to prove a path reads only what was written. Changing
     it drops the tensors (made again, filled so, by the next forward); nothing may be booked then.
 
     `keep_idle_s`: how long a pool with nothing booked keeps its tensors before dropping them (0:
@@ -128,6 +128,8 @@ class KVPool:
 
     @fill.setter
     def fill(self, value: float | None) -> None:
+        if value is self._fill or value == self._fill:   # unchanged: the tensors stay
+            return
         if not self.drop():
             raise RuntimeError("KVPool.fill changed while slots are booked")
         self._fill = value
