@@ -5,7 +5,8 @@ given, sends a bounded number of streaming chat requests per level, and prints p
 latency, time to first token, aggregate tokens/s, errors, dropped streams (no [DONE]), the
 server's mean batch size (generation steps served per model forward: concurrent requests share
 forwards; the share of the level's time in model forwards and waiting for company before
-them) and its resident memory (when idle) before and after each level. The last level is repeated, so
+them), the cores the server and this load generator kept busy (they share the machine's cores) and
+the server's resident memory (when idle) before and after each level. The last level is repeated, so
 memory growth is read after a warm-up at full concurrency.
 
     python bench/loadtest.py [--levels 1 4 16 16 16] [--requests 2] [--min-level-requests 8] [--max-tokens 32]
@@ -38,6 +39,12 @@ PROMPTS = ["How would you spend a free Saturday?", "What do you do when a plan c
            "Describe your ideal workplace.", "How do you make a hard decision?"]
 PERSONAS = ["ENTJ", "ISFP", "INFJ", "ESTP"]
 
+#: one HTTP client for the whole run, shared by the clients' threads (httpx's clients are thread-safe): its
+#: connections are kept alive between requests. httpx.stream / httpx.get make a client per call, and
+#: making one (its SSL context) costs ~20 ms of CPU: at 16 clients that took the load generator
+#: to 0.11 of the 2 cores the server runs on, against 0.03 at one client.
+HTTP = httpx.Client(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+
 
 def rss_mb(pid: int | None) -> float | None:
     if pid is None:
@@ -57,7 +64,7 @@ def one_request(url: str, i: int, max_tokens: int, method: str, number: int, uni
             "temperature": 0.7, "top_p": 0.9}
     start, first, tokens, done = time.perf_counter(), None, 0, False
     try:
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        with HTTP.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
             if r.status_code != 200:
                 return {"error": f"HTTP {r.status_code}: {r.read()[:200]!r}"}
             for line in r.iter_lines():
@@ -82,7 +89,7 @@ def one_request(url: str, i: int, max_tokens: int, method: str, number: int, uni
 def batching(url: str) -> tuple[float, ...]:
     """The server's counters: forwards, calls they served, seconds in forwards, seconds waiting
     for company before them, row-tokens computed (of them in prompts)."""
-    b = httpx.get(url + "/health", timeout=10).json().get("batching") or {}
+    b = HTTP.get(url + "/health", timeout=10).json().get("batching") or {}
     return (b.get("forwards", 0), b.get("calls", 0), b.get("busy_s", 0.0), b.get("waited_s", 0.0),
             b.get("row_tokens", 0), b.get("prompt_row_tokens", 0))
 
@@ -94,10 +101,18 @@ def minor_faults(pid: int | None) -> int | None:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
 
 
+def cpu_s(pid: int | None) -> float | None:
+    """The server process's CPU seconds so far, user + system, all threads (/proc/PID/stat, fields 14-15)."""
+    if pid is None:
+        return None
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def idle_rss_mb(url: str, pid: int | None) -> float | None:
     """The server's RSS once no request is in flight (it trims its heap when it goes idle)."""
     deadline = time.time() + 30
-    while time.time() < deadline and httpx.get(url + "/health", timeout=10).json()["in_flight"]:
+    while time.time() < deadline and HTTP.get(url + "/health", timeout=10).json()["in_flight"]:
         time.sleep(0.2)
     time.sleep(1.0)
     return rss_mb(pid)
@@ -111,7 +126,7 @@ def pool_released_rss_mb(url: str, pid: int | None, health: dict) -> tuple[float
         return None
     start = time.time()
     while time.time() - start < keep + 30:
-        if not httpx.get(url + "/health", timeout=10).json()["batching"]["kv_pool_held"]:
+        if not HTTP.get(url + "/health", timeout=10).json()["batching"]["kv_pool_held"]:
             time.sleep(1.0)
             return time.time() - start, rss_mb(pid)
         time.sleep(0.5)
@@ -122,12 +137,13 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
           first: int, unique: bool = False) -> dict:
     """One level: `clients` clients, `requests` each, numbered from `first` in the run."""
     before = idle_rss_mb(url, pid)
-    counters, faults = batching(url), minor_faults(pid)
-    start = time.perf_counter()
+    counters, faults, server_cpu = batching(url), minor_faults(pid), cpu_s(pid)
+    start, own_cpu = time.perf_counter(), time.process_time()
     with cf.ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda i: one_request(url, i, max_tokens, method, first + i, unique),
                                 range(clients * requests)))
-    wall = time.perf_counter() - start
+    wall, own_cpu = time.perf_counter() - start, time.process_time() - own_cpu
+    server_cpu = None if server_cpu is None else cpu_s(pid) - server_cpu
     forwards, calls, busy, waited, row_tokens, prompt_rows = (x1 - x0 for x0, x1 in zip(counters, batching(url)))
     faults = None if faults is None else minor_faults(pid) - faults
     ok = [r for r in results if "error" not in r]
@@ -142,6 +158,7 @@ def level(url: str, clients: int, requests: int, max_tokens: int, method: str, p
             "batch": calls / forwards if forwards else None, "busy": busy / wall, "waited": waited / wall,
             "ms_per_forward": 1000 * busy / forwards if forwards else None,
             "faults_per_forward": faults / forwards if forwards and faults is not None else None,
+            "server_cores": None if server_cpu is None else server_cpu / wall, "own_cores": own_cpu / wall,
             "row_tokens": row_tokens, "prompt_row_tokens": prompt_rows,
             "error_examples": [r["error"] for r in results if "error" in r][:3]}
 
@@ -163,7 +180,7 @@ def start_server(port: int, max_pending: int, prefix_cache_mb: float, gather_wai
     deadline = time.time() + 300
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if HTTP.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.5)
@@ -204,7 +221,7 @@ def main() -> None:
         firsts = [warm + sum(c * r for c, r in zip(a.levels[:j], per_client)) for j in range(len(a.levels))]
         rows = [level(url, c, r, a.max_tokens, a.method, proc.pid if proc else None, first, a.unique)
                 for c, r, first in zip(a.levels, per_client, firsts)]
-        health = httpx.get(url + "/health", timeout=10).json()
+        health = HTTP.get(url + "/health", timeout=10).json()
         released = pool_released_rss_mb(url, proc.pid if proc else None, health)
         saved = health.get("prefix_cache")
         taken = (health.get("batching") or {}).get("turns_taken_over")   # None: the server takes no turns
@@ -215,8 +232,8 @@ def main() -> None:
     single = rows[0]["agg_tok_s"]
     head = ("| clients | requests | errors | dropped | p50 latency | p95 latency | TTFT p50 | aggregate tok/s | "
             "x 1 client | steps per forward | row-tokens per token (in prompts) | in forwards / waiting | "
-            "ms per forward | server page faults per forward | "
-            "RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "ms per forward | server page faults per forward | cores busy: server / load generator | "
+            "RSS before -> after |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     dash = lambda x, f: "-" if x is None else format(x, f)
     lines = [head] + [
         f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['dropped']} | {r['p50_s']:.1f} s "
@@ -226,6 +243,7 @@ def main() -> None:
         f"| {r['row_tokens'] / max(r['tokens'], 1):.1f} ({r['prompt_row_tokens'] / max(r['tokens'], 1):.1f}) "
         f"| {r['busy']:.0%} / {r['waited']:.0%} "
         f"| {dash(r['ms_per_forward'], '.1f')} | {dash(r['faults_per_forward'], '.0f')} "
+        f"| {dash(r['server_cores'], '.2f')} / {r['own_cores']:.2f} "
         f"| {r['rss_before_mb'] or 0:.0f} -> {r['rss_after_mb'] or 0:.0f} MB |" for r in rows]
     last = [r for r in rows if r["clients"] == rows[-1]["clients"]]
     if len(last) > 1 and last[0]["rss_after_mb"]:
