@@ -326,3 +326,22 @@ def test_temperature_zero_is_greedy_over_the_api(server, client):
     r = httpx.post(server.url + "/v1/chat/completions", json={**kw, "method": "scr"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
     assert "greedy" in r.json()["error"]["message"]
+
+
+def test_a_stream_gives_back_its_slot_before_its_client_reads_done(gen):
+    """A client that sends its next request the moment it reads [DONE] (one kept-alive connection,
+    as a load generator or a chat UI does) is admitted: the finished stream's slot is free by then."""
+    running = Running(create_app(gen, MODEL, max_pending=1))
+    try:
+        body = {"messages": [{"role": "user", "content": "what do you like"}], "max_tokens": 6, "stream": True,
+                "method": "scr", "persona": "EN"}
+        codes = []
+        with httpx.Client(base_url=running.url, timeout=60) as http:
+            for seed in range(40):
+                with http.stream("POST", "/v1/chat/completions", json={**body, "seed": seed}) as r:
+                    codes.append(r.status_code)
+                    lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+                assert r.status_code != 200 or lines[-1] == "data: [DONE]"
+        assert codes == [200] * 40, codes
+    finally:
+        running.stop()

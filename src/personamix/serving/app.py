@@ -139,18 +139,22 @@ class EventStream:
         def put(kind: str, value) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
+        last = ("end", None)
         try:
             for piece in self.stream:
                 if self.cancelled.is_set():
                     self.counters.stream_cancelled()
                     break
                 put("piece", piece)
-            put("end", None)
         except Exception as e:   # reported to the client as an error event
-            put("error", e)
+            last = ("error", e)
         finally:
             self.stream.close()
             self.slot.release()
+        # queued only now: a client that sends its next request the moment it reads [DONE] finds
+        # this slot free (queued before the release, the 16-client load test on kept-alive
+        # connections got a 429 about once a run)
+        put(*last)
 
     def close(self) -> None:
         with self._lock:
