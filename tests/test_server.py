@@ -342,6 +342,7 @@ def test_a_stream_gives_back_its_slot_before_its_client_reads_done(gen):
                     codes.append(r.status_code)
                     lines = [line for line in r.iter_lines() if line.startswith("data: ")]
                 assert r.status_code != 200 or lines[-1] == "data: [DONE]"
+                assert running.app.state.server.admission.active == 0     # freed before [DONE] was sent
         assert codes == [200] * 40, codes
     finally:
         running.stop()

@@ -139,22 +139,26 @@ class EventStream:
         def put(kind: str, value) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-        last = ("end", None)
+        last = ("error", RuntimeError("the generation stopped unexpectedly"))
         try:
             for piece in self.stream:
                 if self.cancelled.is_set():
                     self.counters.stream_cancelled()
                     break
                 put("piece", piece)
+            last = ("end", None)
         except Exception as e:   # reported to the client as an error event
             last = ("error", e)
         finally:
-            self.stream.close()
-            self.slot.release()
-        # queued only now: a client that sends its next request the moment it reads [DONE] finds
-        # this slot free (queued before the release, the 16-client load test on kept-alive
-        # connections got a 429 about once a run)
-        put(*last)
+            try:
+                self.stream.close()
+            finally:
+                self.slot.release()
+                # the last event only now: a client that sends its next request the moment it reads
+                # [DONE] finds this slot free (queued before the release, the 16-client load test on
+                # kept-alive connections got a 429 about once a run), and it is queued however the
+                # generation or its closing ended, so the response never waits for it in vain
+                put(*last)
 
     def close(self) -> None:
         with self._lock:
