@@ -17,6 +17,7 @@ import torch
 
 from .adapters import shipped_adapters
 from .backends import build_backend
+from .detokenize import Detokenizer
 from .engine.params import SamplingParams
 from .engine.samplers import METHODS
 from .engine.session import Backend, Session
@@ -47,22 +48,20 @@ class TextStream:
     def __init__(self, gen: Generator, tokens: Iterator[list[int]], run: _Run):
         self._gen, self._tokens, self._run = gen, tokens, run
         self._text = ""
+        self._detokenizer = Detokenizer(gen.tokenizer)   # each step decodes its new tokens only
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
-        tok = self._gen.tokenizer
         for _ in self._tokens:
-            text = tok.decode(self._run.token_ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):       # an incomplete UTF-8 sequence: wait for more tokens
-                continue
-            piece, self._text = text[len(self._text):], text
+            piece = self._detokenizer.step(self._run.token_ids)    # "" until it adds whole characters
             if piece:
+                self._text += piece
                 return piece
         if self.result is None:
-            self.result = self._run.result(tok)
+            self.result = self._run.result(self._gen.tokenizer)
             piece = self.result.text[len(self._text):]
             self._text = self.result.text
             if piece:
