@@ -4,7 +4,7 @@ against its roofline.
 One client's forwards carry a row or a few: their time is bounded below by streaming the
 model's weights from memory once (the linear layers at one row). 16 clients' forwards carry ~60
 row-tokens: their time is bounded below by the linear layers' arithmetic at that many rows. Both
-bounds are measured here with the linear kernel the backend uses (packing.chosen_kernel; the
+bounds are measured here with the linear kernel the backend uses (packing.linear_kernel; the
 model's shapes, each layer its own weights, as bench/cpu_linear.py) at a grid of row counts, and
 summed over the level's forwards: each forward's decoder linear layers at its rows, and the output
 layer at its rows that need the whole vocabulary (recorded during the run by a wrapper around the
@@ -40,7 +40,7 @@ from inprocess_load import PROMPTS, request  # this folder
 from torch import nn
 
 from personamix import Generator
-from personamix.backends.packing import KERNELS, chosen_kernel
+from personamix.backends.packing import KERNELS, linear_kernel
 from personamix.cli.common import quiet
 
 GRID = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]   # row counts the linear layers are timed at
@@ -116,7 +116,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     quiet()
-    gen = Generator.from_pretrained(adapters="mbti", backend="batched")
+    gen = Generator.from_pretrained(adapters="mbti", backend="batched", device="cpu")   # a CPU's roofline
+    kernel = linear_kernel(gen.backend.model)
+    if kernel is None:
+        raise SystemExit("the model's linear layers run on PyTorch's own kernels here (no prepacked CPU kernel): "
+                         "this benchmark times the backend's kernel")
     gen.backend.cache_prefixes(256)
     seen: dict[str, list[int]] = {"rows": [], "head": []}      # per forward: row-tokens; whole-vocabulary rows
     b = gen.backend
@@ -136,7 +140,6 @@ def main() -> None:
         per_client = max(a.requests, -(-8 // c))
         runs.append(level(gen, c, per_client, first, seen))
         first += c * per_client
-    kernel = chosen_kernel()
     most = max(max(r["rows"], default=1) for r in runs)
     ms = linear_ms(kernel, [g for g in GRID if g < most] + [min([g for g in GRID if g >= most] or [most])], a.rounds)
     lines = ["| clients | tok/s | tokens per forward | row-tokens per forward (whole-vocabulary rows) "
