@@ -67,12 +67,9 @@ def request(gen: Generator, i: int, seed: int) -> int:
     return len(stream.token_ids)
 
 
-def level(gen: Generator, clients: int, per_client: int, first: int, pool: str) -> str:
-    b = gen.backend
-    turns = b.turns if isinstance(b.turns, TimedTurns) else None
-    held0 = len(turns.held) if turns else 0
-    f0, busy0, wait0, rows0 = b.forwards, b.busy_s, b.waited_s, b.row_tokens
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
+def run_clients(gen: Generator, clients: int, per_client: int, first: int) -> tuple[int, float]:
+    """`clients` threads sending `per_client` requests each, one after another (request i of the
+    level: c + r * clients, numbered in the run from `first`): the tokens generated, the seconds taken."""
     tokens: list[int] = []
 
     def client(c: int) -> None:
@@ -86,11 +83,20 @@ def level(gen: Generator, clients: int, per_client: int, first: int, pool: str) 
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return sum(tokens), time.perf_counter() - start
+
+
+def level(gen: Generator, clients: int, per_client: int, first: int, pool: str) -> str:
+    b = gen.backend
+    turns = b.turns if isinstance(b.turns, TimedTurns) else None
+    held0 = len(turns.held) if turns else 0
+    f0, busy0, wait0, rows0 = b.forwards, b.busy_s, b.waited_s, b.row_tokens
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    tokens, wall = run_clients(gen, clients, per_client, first)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     n = max(b.forwards - f0, 1)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    line = (f"| {clients} | {pool} | {sum(tokens) / wall:.1f} | {b.forwards - f0} "
+    line = (f"| {clients} | {pool} | {tokens / wall:.1f} | {b.forwards - f0} "
             f"| {1000 * (b.busy_s - busy0) / n:.1f} "
             f"| {(b.row_tokens - rows0) / n:.1f} | {(b.busy_s - busy0) / wall:.0%} / {(b.waited_s - wait0) / wall:.0%} "
             f"| {(r1.ru_nvcsw - r0.ru_nvcsw) / n:.0f} / {(r1.ru_nivcsw - r0.ru_nivcsw) / n:.0f} "

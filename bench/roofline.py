@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from cpu_linear import HEAD, LAYER, cpu_name  # this folder
-from inprocess_load import PROMPTS, request  # this folder
+from inprocess_load import PROMPTS, request, run_clients  # this folder
 from torch import nn
 
 from personamix import Generator
@@ -53,19 +53,8 @@ def level(gen: Generator, clients: int, per_client: int, first: int, seen: dict[
     f0, busy0 = b.forwards, b.busy_s
     seen["rows"].clear()
     seen["head"].clear()
-    tokens: list[int] = []
-
-    def client(c: int) -> None:
-        for r in range(per_client):
-            tokens.append(request(gen, c + r * clients, first + c + r * clients))
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"clients": clients, "tokens": sum(tokens), "wall": time.perf_counter() - start,
+    tokens, wall = run_clients(gen, clients, per_client, first)
+    return {"clients": clients, "tokens": tokens, "wall": wall,
             "forwards": b.forwards - f0, "busy": b.busy_s - busy0, "rows": list(seen["rows"]),
             "head": list(seen["head"])}
 
