@@ -138,8 +138,8 @@ def main() -> None:
     for r in runs:
         n = r["forwards"]
         if len(r["rows"]) != n or len(r["head"]) != n:
-            raise SystemExit(f"{n} forwards, but the hooks saw {len(r['rows'])} inputs and {len(r['head'])} "
-                             "output layers: not one of each per forward")
+            raise SystemExit(f"{n} forwards, but the wrapper saw {len(r['rows'])} and the output layer's hook "
+                             f"{len(r['head'])}: not one of each per forward")
         floor = (sum(at(ms, 0, x) for x in r["rows"]) + sum(at(ms, 1, x) for x in r["head"])) / n   # ms per forward
         per_forward, tok_s = r["tokens"] / n, r["tokens"] / r["wall"]
         bound = per_forward / floor * 1e3
@@ -152,8 +152,8 @@ def main() -> None:
     grid = "\n".join(["| rows | decoder's linear layers ms | GFLOP/s | output layer ms |", "|---|---|---|---|"]
                      + [f"| {m} | {d:.1f} | {flops[m] / d:.0f} | {h:.1f} |" for m, (d, h) in sorted(ms.items())])
     summary = [f"x {runs[0]['clients']} client{'s' if runs[0]['clients'] > 1 else ''} at "
-               f"{r['clients']} clients: measured {t / bounds[0][0]:.2f}, roofline {b / bounds[0][1]:.2f}"
-               for r, (t, b) in zip(runs[1:], bounds[1:])]
+               f"{r['clients']} clients: measured {t / bounds[0][0]:.2f}, roofline {bd / bounds[0][1]:.2f}"
+               for r, (t, bd) in zip(runs[1:], bounds[1:])]
     info = (f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; linear kernel "
             f"{kernel}; in-process SCR mix of bench/inprocess_load.py (batched backend, MBTI adapters, prefix cache "
             f"256 MB); linear layers' medians of {a.rounds} rounds")
