@@ -162,9 +162,8 @@ class KVPool:
         slots booked."""
         with self._lock:
             self._collected.append((start, rows))
-            dropped = self._drain()
-        if dropped and self.on_drop is not None:
-            self.on_drop()
+            had = self._drain()
+        self._dropped(had)
 
     def release_later(self, start: int, rows: int) -> None:
         """`release` for a cache the garbage collector found: it may run in any thread at any
@@ -174,7 +173,7 @@ class KVPool:
 
     def _drain(self) -> bool:
         """(Under the lock) free the slots noted by release / release_later; when that leaves none
-        booked, drop the tensors (keep_idle_s 0: returns True) or plan their drop."""
+        booked, drop the tensors (keep_idle_s 0; returns whether it held any) or plan their drop."""
         while self._collected:
             start, rows = self._collected.popleft()
             for i in range(start, start + rows):
@@ -183,19 +182,25 @@ class KVPool:
             return False
         self._used.clear()
         if self.keep_idle_s <= 0:
-            self._drop()
-            return True
+            return self._drop()
         if self._timer is None:
             self._timer = threading.Timer(self.keep_idle_s, self._drop_if_idle, args=(self._bookings,))
             self._timer.daemon = True
             self._timer.start()
         return False
 
-    def _drop(self) -> None:
-        """(Under the lock, nothing booked) drop the tensors."""
+    def _drop(self) -> bool:
+        """(Under the lock, nothing booked) drop the tensors; whether it held any."""
+        had = bool(self.k)
         self.k, self.v = [], []
         self.slots, self.capacity = self._initial
         self._high = 0
+        return had
+
+    def _dropped(self, had: bool) -> None:
+        """(Outside the lock) after a drop: `on_drop`, where tensors went."""
+        if had and self.on_drop is not None:
+            self.on_drop()
 
     def _drop_if_idle(self, bookings: int) -> None:
         """The planned drop: void if a slot was booked since it was planned."""
@@ -203,24 +208,20 @@ class KVPool:
             if self._bookings != bookings:
                 return
             self._timer = None
-            had = bool(self.k)
-            self._drop()
-        if had and self.on_drop is not None:
-            self.on_drop()
+            had = self._drop()
+        self._dropped(had)
 
     def drop(self) -> bool:
         """Drop the tensors now if nothing is booked (else keep them); whether the pool now holds none."""
         with self._lock:
-            dropped = self._drain()
+            had = self._drain()
             if any(self._used):
                 return False
-            had = dropped or bool(self.k)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._drop()
-        if had and self.on_drop is not None:
-            self.on_drop()
+            had = self._drop() or had
+        self._dropped(had)
         return True
 
     @property

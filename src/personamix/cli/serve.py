@@ -41,19 +41,18 @@ def run(a: argparse.Namespace) -> None:
         raise PersonamixError(f"--max-pending must be >= 1, got {a.max_pending}")
     if not a.prefix_cache_mb >= 0:
         raise PersonamixError(f"--prefix-cache-mb must be >= 0, got {a.prefix_cache_mb}")
-    if a.gather_wait is not None and not 0 <= a.gather_wait < float("inf"):
-        raise PersonamixError(f"--gather-wait must be a finite number >= 0, got {a.gather_wait}")
-    if a.kv_keep_idle is not None and not 0 <= a.kv_keep_idle < float("inf"):
-        raise PersonamixError(f"--kv-keep-idle must be a finite number >= 0, got {a.kv_keep_idle}")
+    batched = {"--gather-wait": a.gather_wait, "--kv-keep-idle": a.kv_keep_idle}   # the batched backend's settings
+    for flag, value in batched.items():
+        if value is not None and not 0 <= value < float("inf"):
+            raise PersonamixError(f"{flag} must be a finite number >= 0, got {value}")
     gen = load_generator(a)
     gen.backend.cache_prefixes(a.prefix_cache_mb)      # where the backend can (the batched one)
+    for flag, value in batched.items():
+        if value is not None and not gen.backend.shares_forwards:
+            raise PersonamixError(f"{flag} needs the batched backend; this one is {gen.backend.kind!r}")
     if a.gather_wait is not None:
-        if not gen.backend.shares_forwards:
-            raise PersonamixError(f"--gather-wait needs the batched backend; this one is {gen.backend.kind!r}")
         gen.backend.gather_wait = a.gather_wait
     if a.kv_keep_idle is not None:
-        if not gen.backend.shares_forwards:
-            raise PersonamixError(f"--kv-keep-idle needs the batched backend; this one is {gen.backend.kind!r}")
         gen.backend.pool.keep_idle_s = a.kv_keep_idle
     if a.no_cuda_graphs and gen.backend.shares_forwards:
         gen.backend.stop_cuda_graphs()
