@@ -23,7 +23,7 @@ from personamix.backends.cache import KVPool, PreallocatedCache, SlabCache
 from personamix.backends.cpu_attention import attention_problem
 from personamix.backends.prefix_cache import PrefixCache
 from personamix.engine.session import Session
-from personamix.testing import save_lora, save_tiny
+from personamix.testing import SamplerWork, save_lora, save_tiny
 
 SEQ = [0, 3, 1, 4, 2, 2, 0, 1, 3, 4, 4, 1, 0, 2, 3, 1, 0, 4, 2, 1]
 
@@ -583,6 +583,36 @@ def test_prompts_start_after_their_cached_prefix_and_give_what_a_fresh_forward_g
     finally:
         b.cache_prefixes(0)
     assert b.prefix_cache is None
+
+
+def test_a_restored_prefix_costs_a_few_tensor_operations_per_row_not_per_row_and_layer(pair, monkeypatch):
+    """Restoring a cached prefix into a call's slots (on a GPU every tensor operation is a launch):
+    the rows' blocks are joined for all layers at once and copied one layer at a time for all rows,
+    so a row more adds a few operations, whatever the number of layers."""
+    b = pair[0].backend
+    ops = []
+
+    def counted(calls, cache):
+        with SamplerWork() as work:
+            restore(calls, cache)
+        ops.append(work.ops)
+
+    restore = b._restore_prefixes
+    monkeypatch.setattr(b, "_restore_prefixes", counted)
+    b.cache_prefixes(64)
+    try:
+        prompt = (SEQ * 3)[:40]                      # 2 full blocks and a tail
+        for group, names in [("ref", ()), ("all", ("E", "N", "T"))]:
+            for _ in range(2):                       # stored, then restored (all but the 3 positions asked for)
+                with Session(b, names or None) as session:
+                    session.logits(group, prompt, 3)
+        one_row, four_rows = ops[1], ops[3]
+    finally:
+        b.cache_prefixes(0)
+    layers = b.model.config.num_hidden_layers
+    assert layers >= 2 and b.prefix_cache is None
+    # each row's blocks: one cat and one slice, for keys and for values; the layers' copies are shared
+    assert four_rows - one_row <= 4 * 3, (one_row, four_rows)
 
 
 needs_libgomp = pytest.mark.skipif(omp._libgomp() is None or torch.get_num_threads() < 2,
