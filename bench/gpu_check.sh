@@ -22,6 +22,9 @@
 #      chunk scoring (engine/scoring.py).
 #   6. (step "qkv", not in the default STEPS) bench/qkv_fusion.py: packed forwards with q/k/v as one
 #      matmul against three (backends/qkv.py; on CUDA, replayed from CUDA graphs where they apply).
+#   7. (step "ahead", not in the default STEPS) bench/inprocess_load.py at 64 clients, SCR's next
+#      draft step drawn in its generation's turn and in its chunk's scoring forward, alternating
+#      (BatchingBackend.draws_ahead; on CPU the two are even, the turn is what a GPU waits for).
 #
 #   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
 #
@@ -97,6 +100,11 @@ fi
 if want qkv; then
 say qkv
 timeout 240 $PY bench/qkv_fusion.py --device "$DEVICE" 2>&1 | grep "^|" | tee "$OUT/qkv_fusion.md"
+fi
+
+if want ahead; then
+say ahead
+timeout 300 $PY bench/inprocess_load.py --clients 64 64 --ahead off on 2>&1 | grep "^|" | tee "$OUT/ahead.md"
 fi
 
 if want samplers; then

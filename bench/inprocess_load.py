@@ -13,14 +13,17 @@ fill in turn (cache.KVPool.fill: zeroed, or left uninitialised as the backend do
 attention kernel runs), the A/B of that change alternating in one process; `--lora torch kernel`
 likewise switches the LoRA deltas between PyTorch's matmuls and the CPU kernel (cpu_lora.py), and
 `--pointwise torch kernel` the decoder's norms, rotary embeddings and SiLU between PyTorch's ops
-and the CPU kernels (cpu_pointwise.py).
+and the CPU kernels (cpu_pointwise.py), and `--ahead on off` SCR's next draft step between being
+drawn in its scoring forward and in its generation's turn (BatchingBackend.draws_ahead).
 
     python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--method scr] [--model-forward]
                                    [--pools zeroed unfilled] [--lora torch kernel] [--pointwise torch kernel]
+                                   [--ahead on off]
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import statistics
@@ -124,6 +127,9 @@ def main() -> None:
                     help="run each level once per LoRA delta path, in turn (default: the backend's own)")
     ap.add_argument("--pointwise", nargs="+", choices=["default", "torch", "kernel"], default=["default"],
                     help="run each level once per path of the decoder's pointwise steps, in turn")
+    ap.add_argument("--ahead", nargs="+", choices=["on", "off"], default=["on"],
+                    help="run each level with SCR's next draft step drawn in its scoring forward (on, the "
+                         "default) or in its turn (off), in turn (BatchingBackend.draws_ahead)")
     a = ap.parse_args()
     global METHOD
     METHOD = a.method
@@ -147,21 +153,19 @@ def main() -> None:
     if a.pointwise != ["default"] and own_ops is not KernelOps:
         why = "no plain decoder" if b.decoder is None else pointwise_problem(b.decoder)
         raise SystemExit(f"--pointwise: this backend's decoder does not run the CPU kernels ({why})")
-    print("| clients | pool, LoRA, pointwise | tok/s | forwards | ms per forward | row-tokens per forward "
+    print("| clients | pool, LoRA, pointwise, draws ahead | tok/s | forwards | ms per forward | row-tokens per forward "
           "| in forwards / waiting "
           "| context switches per forward (vol. / invol.) | minor faults per forward | cores busy "
           "| turns: median / p90 / p99, sum |\n|---|---|---|---|---|---|---|---|---|---|---|")
     first, own, own_lora = 1000, b.pool.fill, b.lora.rows.kernel
-    for clients in a.clients:
-        for pool in a.pools:
-            for lora in a.lora:
-                for pointwise in a.pointwise:
-                    b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # (idle) drops its tensors
-                    b.lora.rows.kernel = own_lora if lora == "default" else lora == "kernel"
-                    if b.decoder is not None:
-                        b.decoder.ops = {"default": own_ops, "torch": TorchOps, "kernel": KernelOps}[pointwise]
-                    print(level(gen, clients, a.requests, first, f"{pool}, {lora}, {pointwise}"), flush=True)
-                    first += clients * a.requests
+    for clients, pool, lora, pointwise, ahead in itertools.product(a.clients, a.pools, a.lora, a.pointwise, a.ahead):
+        b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # (idle) drops its tensors
+        b.lora.rows.kernel = own_lora if lora == "default" else lora == "kernel"
+        if b.decoder is not None:
+            b.decoder.ops = {"default": own_ops, "torch": TorchOps, "kernel": KernelOps}[pointwise]
+        b.draws_ahead = ahead == "on"
+        print(level(gen, clients, a.requests, first, f"{pool}, {lora}, {pointwise}, {ahead}"), flush=True)
+        first += clients * a.requests
 
 
 if __name__ == "__main__":

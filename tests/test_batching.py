@@ -368,6 +368,32 @@ def test_scr_scoring_forward_carries_the_next_draft_step(pair):
     assert a.stats.chunks_accepted[3] > 0 and a.stats.forward_passes < b.stats.forward_passes
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_scr_draws_its_next_draft_step_ahead_and_takes_it_only_when_the_chunk_is_accepted_whole(pair, monkeypatch,
+                                                                                                top_p):
+    """The next draft step after a chunk is drawn in the chunk's scoring forward with the generator
+    put back (Session.score_chunk's `ahead`), and taken when SCR asks for exactly that draw (its
+    chunk accepted whole); after a partial chunk or a fallback it is dropped. Seed for seed, the
+    tokens are the fast backend's, which never draws ahead."""
+    batched, fast = pair
+    sessions = []
+    init = Session.__init__
+
+    def tracked(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        sessions.append(self)
+
+    monkeypatch.setattr(Session, "__init__", tracked)
+    kw = dict(method="scr", weights={"E": 1.0, "N": -0.5}, k=3, max_new_tokens=30, ignore_eos=True,
+              temperature=0.8, top_p=top_p, warmup=1)
+    for seed in range(4):
+        a = batched.generate(SEQ[:3], seed=seed, **kw)
+        assert a.token_ids == fast.generate(SEQ[:3], seed=seed, **kw).token_ids
+    taken, made = (sum(s.draws_ahead[i] for s in sessions if s.backend is batched.backend) for i in (0, 1))
+    assert not any(s.draws_ahead[1] for s in sessions if s.backend is fast.backend)
+    assert 0 < taken < made, (taken, made)          # both kinds happened: taken, and dropped
+
+
 def test_auto_falls_back_to_the_fast_backend_when_the_model_cannot_batch(tiny_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 

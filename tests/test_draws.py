@@ -64,6 +64,31 @@ def test_a_rows_draw_is_the_same_alone_and_in_any_company(rows_per_pass):
     assert all(_same(alone[r], s) for r, s in zip(order, shuffled))
 
 
+def test_a_draw_ahead_puts_its_generator_back_and_is_taken_only_while_nothing_drew_from_it():
+    """Draw.ahead (SCR's next draft step, drawn in the scoring forward): the generator is left as it
+    was; taking the draw then is drawing it then, bit for bit (token, q, and the generator after);
+    once anything drew from the generator it is not taken. In company of draws that are not ahead,
+    those use their generators as always."""
+    x = _logits(6, seed=2)
+    plain = _draws(6, 11)
+    ahead = [replace(d, ahead=r % 2 == 0) for r, d in enumerate(_draws(6, 11))]   # greedy, top-k, top-p among them
+    before = [d.rng.get_state() for d in ahead]
+    made = draw_next(x, ahead)
+    now = draw_next(x, plain)                                         # the same draws, made in their turn
+    for r, (d, m, n) in enumerate(zip(ahead, made, now)):
+        assert _same(m, n)
+        if not d.ahead:
+            assert m.rng_states is None and torch.equal(d.rng.get_state(), plain[r].rng.get_state())
+            continue
+        assert torch.equal(d.rng.get_state(), before[r])             # put back
+        assert m.take(d.rng) and torch.equal(d.rng.get_state(), plain[r].rng.get_state())   # moved on as if drawn now
+        assert not m.take(d.rng)                                      # a draw is taken once
+    late = replace(_draws(1, 5)[0], ahead=True)
+    m = draw_next(x[:1], [late])[0]
+    torch.rand(1, generator=late.rng)                                 # something else drew from it meanwhile
+    assert not m.take(late.rng)
+
+
 def test_draws_give_the_samplers_one_row_token_and_support():
     x = _logits(12, seed=1)
     drawn = draw_next(x, _draws(12, 3))

@@ -511,6 +511,9 @@ class BatchingBackend(Backend):
         self.busy_s = self.waited_s = 0.0
         self.prefix_cache: PrefixCache | None = None
         self.gather_wait = gather_wait
+        #: draw SCR's next draft step in its chunk's scoring forward (forward_score's `ahead`); False:
+        #: in the generation's turn, as without it (the same tokens; benchmarks compare the two)
+        self.draws_ahead = True
         self._away: set[int] = set()           # threads served by the last forward that have not queued since
         self._forward_s = 0.0                  # a forward's recent duration (moving average)
         self.turns = Turns() if (self.device.type == "cpu" if take_turns is None else take_turns) else None
@@ -595,14 +598,21 @@ class BatchingBackend(Backend):
         self._submit([call])
         return call.drawn, call.logits, 1
 
-    def forward_score(self, requests: Sequence[tuple], names: Sequence[str],
-                      score: Score) -> tuple[list[torch.Tensor], int, Scored]:
+    def forward_score(self, requests: Sequence[tuple], names: Sequence[str], score: Score,
+                      ahead: Draw | None = None) -> tuple[list[torch.Tensor], int, Scored, Drawn | None]:
         """forward_together whose first request is SCR's chunk scoring: its chunk is scored after the
-        forward together with every other call's chunk in it (`score_calls`)."""
+        forward together with every other call's chunk in it (`score_calls`). `ahead` (a Draw with
+        `ahead` set): the last request's next token, drawn with the forward's other draws after the
+        chunk's uniforms (the order a later draw from the same generator would take). Returns
+        (logits, forward passes, the chunk's scores, that draw or None)."""
         calls = [self.call(*r[:4], names, columns=r[4] if len(r) > 4 else None) for r in requests]
         calls[0].score = score
+        if ahead is not None and self.draws_ahead:
+            if not ahead.ahead or calls[-1].n_logits != 1:
+                raise ValueError("a draw ahead is a Draw with `ahead` set, of the last request's one position")
+            calls[-1].draw = ahead
         self._submit(calls)
-        return [c.logits for c in calls], 1, calls[0].scored
+        return [c.logits for c in calls], 1, calls[0].scored, calls[-1].drawn if calls[-1].draw is not None else None
 
     def _submit(self, calls: list[Call]) -> None:
         """Queue one generation's calls and return when a forward has served them: run it if the
@@ -693,8 +703,9 @@ class BatchingBackend(Backend):
             for c in calls if whole else ():
                 if c.columns is not None:
                     c.logits = c.logits.index_select(-1, c.columns)
-            self.draw_calls([c for c in calls if c.draw is not None])
+            # chunks first: a generation's draw ahead (forward_score) follows its chunk's uniforms
             self.score_calls([c for c in calls if c.score is not None])
+            self.draw_calls([c for c in calls if c.draw is not None])
             self.forwards += 1
             self.calls += len(calls)
             for c, prompt in zip(calls, prompts):

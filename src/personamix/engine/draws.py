@@ -29,6 +29,7 @@ width with -inf past its support, not over the support alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -60,13 +61,16 @@ class Draw:
     token_rs.py): up to `propose` proposals t ~ the reference on the support, each accepted with
     probability exp(S(t) - log M), M = max_t exp(S(t|Y)) over the support (the exact bound); the
     token is the first accepted. If none is, the draw is not `accepted` (token -1, no error) and
-    the caller goes on from there (samplers.common.rejection_sample_token)."""
+    the caller goes on from there (samplers.common.rejection_sample_token). `ahead`: drawn before
+    its turn (SCR's next draft step, in the forward that scores the chunk before it): `rng` is put
+    back where it was, and the Drawn holds its states before and after (`Drawn.take`)."""
 
     target: Target
     rng: torch.Generator
     greedy: bool = False
     mixed: bool = False
     propose: int = 0
+    ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.propose and (not self.mixed or self.greedy or self.propose < 0):
@@ -92,7 +96,8 @@ class Drawn:
     vocabulary, U = V). `error`: why nothing could be drawn (token -1). A `mixed` draw's `logq`
     is log p* on the support (a Token-RS draw's stays q); `clamps` counts the clamped scores it
     met where Target.can_clamp (targets.aggregate: the token's, or the proposals' tried); a
-    Token-RS draw says how many proposals it tried and whether one was `accepted`."""
+    Token-RS draw says how many proposals it tried and whether one was `accepted`. A draw made
+    `ahead` keeps its generator's states before and after it (`rng_states`)."""
 
     token: int
     logq: torch.Tensor
@@ -101,11 +106,21 @@ class Drawn:
     clamps: int = 0
     proposals: int = 0
     accepted: bool = False
+    rng_states: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def checked(self) -> Drawn:
         if self.error is not None:
             raise self.error
         return self
+
+    def take(self, rng: torch.Generator) -> bool:
+        """For a draw made `ahead` with `rng`: whether it is the draw `rng` would make now from the
+        same logits, i.e. nothing drew from `rng` since (it is still in the state before); if so,
+        `rng` moves on to the state after, as if it had drawn it now."""
+        if self.rng_states is None or not torch.equal(rng.get_state(), self.rng_states[0]):
+            return False
+        rng.set_state(self.rng_states[1])
+        return True
 
 
 @dataclass
@@ -139,6 +154,16 @@ def draw_next(logits: torch.Tensor, draws: Sequence[Draw], rows_per_pass: int | 
     if len(draws) > rows_per_pass:
         return [d for i in range(0, len(draws), rows_per_pass)
                 for d in draw_next(x[i: i + rows_per_pass], draws[i: i + rows_per_pass], rows_per_pass)]
+    ahead = {b: d.rng.get_state() for b, d in enumerate(draws) if d.ahead}
+    out = _draw_pass(x, draws)
+    for b, before in ahead.items():          # put the generator back; Drawn.take moves it on
+        out[b] = dataclasses.replace(out[b], rng_states=(before, draws[b].rng.get_state()))
+        draws[b].rng.set_state(before)
+    return out
+
+
+def _draw_pass(x: torch.Tensor, draws: Sequence[Draw]) -> list[Drawn]:
+    """draw_next's work for one pass: x [B, R, V]."""
     vocab = x.shape[-1]
     whole = [b for b, d in enumerate(draws) if not d.target.top_k and d.target.top_p >= 1.0]
     top_p = [b for b, d in enumerate(draws) if not d.target.top_k and d.target.top_p < 1.0]

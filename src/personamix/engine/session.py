@@ -18,6 +18,7 @@ runs on it, whether the models are in this process (backends/) or behind a serve
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -55,9 +56,10 @@ class Backend(ABC):
     #: and takes the next draft step at once)
     fuses_groups: ClassVar[bool] = False
     #: concurrent generations (threads) share forwards; `forwards` / `calls` count them. Such a
-    #: backend also has `forward_score(calls, names, score)`: forward_together whose first call is
-    #: SCR's chunk scoring, returning (logits, passes, scoring.Scored), every chunk of a forward
-    #: scored at once (Session.score_chunk)
+    #: backend also has `forward_score(calls, names, score, ahead)`: forward_together whose first
+    #: call is SCR's chunk scoring, returning (logits, passes, scoring.Scored, Drawn or None), every
+    #: chunk of a forward scored at once, and the last call's next token drawn `ahead` of its turn
+    #: if asked (Session.score_chunk)
     shares_forwards: ClassVar[bool] = False
     #: forward_together takes a 5th item per call, `columns` (vocabulary ids [U]), and computes those
     #: calls' logits at those ids only ([rows, n_logits, U]: the output layer over U of V ids);
@@ -145,6 +147,9 @@ class Session:
         self._tokens: dict[str, list[int]] = {}
         # group -> {p: logits [rows, V] after the first p cached tokens}; valid while those stay cached
         self._memo: dict[str, dict[int, torch.Tensor]] = {}
+        # a draw made ahead of its turn (score_chunk): (position, the memo's logits there, the draw)
+        self._ahead: tuple[int, torch.Tensor, Draw, Drawn] | None = None
+        self.draws_ahead = [0, 0]   # draws made ahead of their turn: taken, and made in all
 
     @property
     def scores_remotely(self) -> bool:
@@ -198,17 +203,27 @@ class Session:
         `restricts_columns`: SCR's chunk scoring needs its support's ids only)."""
         return self._logits_together(requests)[0]
 
-    def score_chunk(self, requests: Sequence[tuple], score: Score) -> tuple[list[torch.Tensor], Scored]:
+    def score_chunk(self, requests: Sequence[tuple], score: Score,
+                    ahead: Draw | None = None) -> tuple[list[torch.Tensor], Scored]:
         """`logits_together` whose first request is SCR's chunk scoring ("prefs" at the chunk's k
         positions, on the columns of score.logq), and the chunk's scores (scoring.score_chunks). A
         backend that shares forwards scores the chunks of all the calls in one forward at once
-        (its `forward_score`); otherwise, or from the memo, they are scored here, by the same function."""
-        out, scored = self._logits_together(requests, score)
+        (its `forward_score`); otherwise, or from the memo, they are scored here, by the same function.
+
+        `ahead`: the draw `draw` will be asked for after the last request (a "ref" request of one
+        position: SCR's next draft step, needed if the chunk is accepted whole). A backend that
+        shares forwards draws it in this forward, with the other generations' draws, and puts the
+        generator back (draws.Draw.ahead); `draw` takes it when asked for that very draw while
+        nothing drew from the generator since, so the tokens are the same bits either way. On a
+        GPU that is one step less in the generation's turn between forwards (~37 launches and a
+        read-back, under the GIL that every generation shares)."""
+        out, scored = self._logits_together(requests, score, ahead)
         return out, scored if scored is not None else score_chunks(out[:1], [score])[0]
 
-    def _logits_together(self, requests: Sequence[tuple],
-                         score: Score | None = None) -> tuple[list[torch.Tensor], Scored | None]:
-        """logits_together, and request 0's chunk scored by the backend where it shares forwards."""
+    def _logits_together(self, requests: Sequence[tuple], score: Score | None = None,
+                         ahead: Draw | None = None) -> tuple[list[torch.Tensor], Scored | None]:
+        """logits_together, and request 0's chunk scored by the backend where it shares forwards
+        (with the last request's next token drawn `ahead`, see score_chunk)."""
         if len({r[0] for r in requests}) != len(requests):
             raise ValueError("one request per group")
         out: list[torch.Tensor | None] = [None] * len(requests)
@@ -225,10 +240,15 @@ class Session:
         restrict = self.backend.restricts_columns and any(c is not None for *_, c in todo)
         calls = [(g, new, self._caches[g], n, c) if restrict else (g, new, self._caches[g], n)
                  for _, g, _, new, n, c in todo]
-        scored = None
+        scored = drawn = None
+        if ahead is not None and (todo[-1][0] != len(requests) - 1 or todo[-1][1] != "ref" or todo[-1][4] != 1
+                                  or todo[-1][5] is not None):
+            ahead = None                  # the last request is not a "ref" position to compute now
         if (score is not None and todo[0][0] == 0 and self.backend.shares_forwards
                 and (restrict or todo[0][5] is None)):      # the logits the backend scores are score.logq's columns
-            logits, passes, scored = self.backend.forward_score(calls, self.names, score)
+            if ahead is not None:
+                ahead = dataclasses.replace(ahead, ahead=True)
+            logits, passes, scored, drawn = self.backend.forward_score(calls, self.names, score, ahead)
         elif len(todo) > 1 or restrict:
             logits, passes = self.backend.forward_together(calls, self.names)
         else:
@@ -244,6 +264,10 @@ class Session:
             else:
                 self._tokens[group] = list(seq)
             out[i] = lg
+        if drawn is not None:
+            _, group, seq, *_ = todo[-1]
+            self._ahead = (len(seq), self._memo[group][len(seq)], ahead, drawn)
+            self.draws_ahead[1] += 1
         return out, scored
 
     def draw(self, seq: Sequence[int], target: Target, rng: torch.Generator, greedy: bool = False,
@@ -257,14 +281,28 @@ class Session:
         rolled-back draft's) are drawn from here, by the same function."""
         request = Draw(target, rng, greedy, mixed, propose)
         group = "all" if mixed else "ref"
+        ahead, self._ahead = self._ahead, None
         logits = self._from_cache(group, seq, 1)
         if logits is not None:
+            if ahead is not None and self._drawn_ahead(ahead, group, seq, request):
+                self.draws_ahead[0] += 1
+                return ahead[3].checked()
             return draw_next(logits[:, -1][None], [request])[0].checked()
         drawn, logits, passes = self.backend.forward_draw(self._new_tokens(group, seq), self._caches[group],
                                                           self.names, request)
         self._count_forward(passes)
         self._remember(group, seq, 1, logits)
         return drawn.checked()
+
+    def _drawn_ahead(self, ahead: tuple, group: Group, seq: Sequence[int], request: Draw) -> bool:
+        """Whether the draw made ahead (score_chunk) is `request` after `seq`: the same position, the
+        same logits still in the memo (not recomputed since), the same settings and generator,
+        and nothing drawn from it since (Drawn.take, which then moves the generator on)."""
+        position, logits, made, drawn = ahead
+        return (group == "ref" and position == len(seq) and self._memo.get(group, {}).get(position) is logits
+                and made.target is request.target and made.rng is request.rng
+                and (made.greedy, made.mixed, made.propose) == (request.greedy, request.mixed, request.propose)
+                and drawn.take(request.rng))
 
     def _new_tokens(self, group: Group, seq: Sequence[int]) -> torch.Tensor:
         """What the group's cache lacks of `seq`, as a tensor (the cache is created if need be)."""

@@ -11,7 +11,10 @@ One step, after prefix Y:
  5. the S_j of the drafted chunk enter window_j (size W) after the decision.
 With a backend that fuses groups (the batched one), the reference's step after c_k rides along
 in the scoring forward of step 2, so when C is accepted whole the next draft starts without a
-forward of its own (k forwards per accepted k-token chunk instead of k + 1).
+forward of its own (k forwards per accepted k-token chunk instead of k + 1). Where the backend
+shares forwards among generations, that step's token is drawn in the same forward too, ahead of
+its turn, and taken only if it is then the very same draw (Session.score_chunk): the same tokens,
+one draw fewer in the generation's own turn between forwards.
 
 Choices where the paper is vague (documented in docs/samplers.md):
  * one window per prefix length j: S of a j-token prefix is a sum of j token log ratios, so
@@ -48,6 +51,7 @@ from functools import partial
 
 import torch
 
+from ..draws import Draw
 from ..params import SamplingParams
 from ..scoring import Score
 from ..session import Session
@@ -82,8 +86,12 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
         scoring = ("prefs", seq + chunk[:-1], k, ids)
         if session.fuses and len(seq) + k < session.backend.max_length:
             # the next step's first draft logits (after the whole chunk) ride along in the scoring
-            # forward; used when C is accepted whole, else rolled back like any rejected draft
-            (pref_logits, _), scored = session.score_chunk([scoring, ("ref", seq + chunk, 1)], score)   # [N, k, U]
+            # forward; used when C is accepted whole, else rolled back like any rejected draft. Its
+            # draw is made there too, ahead of its turn, and taken only if it is the same draw then
+            # (Session.score_chunk); the exact verification draws in between, so not then
+            ahead = None if exact else Draw(target, rng)
+            (pref_logits, _), scored = session.score_chunk([scoring, ("ref", seq + chunk, 1)], score,
+                                                           ahead)                                  # [N, k, U]
         else:
             (pref_logits,), scored = session.score_chunk([scoring], score)                    # [N, k, U]
         stats.proposals += k
