@@ -389,8 +389,9 @@ def test_scr_draws_its_next_draft_step_ahead_and_takes_it_only_when_the_chunk_is
     for seed in range(4):
         a = batched.generate(SEQ[:3], seed=seed, **kw)
         assert a.token_ids == fast.generate(SEQ[:3], seed=seed, **kw).token_ids
-    taken, made = (sum(s.draws_ahead[i] for s in sessions if s.backend is batched.backend) for i in (0, 1))
-    assert not any(s.draws_ahead[1] for s in sessions if s.backend is fast.backend)
+    taken = sum(s.ahead_taken for s in sessions if s.backend is batched.backend)
+    made = sum(s.ahead_made for s in sessions if s.backend is batched.backend)
+    assert not any(s.ahead_made for s in sessions if s.backend is fast.backend)
     assert 0 < taken < made, (taken, made)          # both kinds happened: taken, and dropped
 
 

@@ -149,7 +149,7 @@ class Session:
         self._memo: dict[str, dict[int, torch.Tensor]] = {}
         # a draw made ahead of its turn (score_chunk): (position, the memo's logits there, the draw)
         self._ahead: tuple[int, torch.Tensor, Draw, Drawn] | None = None
-        self.draws_ahead = [0, 0]   # draws made ahead of their turn: taken, and made in all
+        self.ahead_made = self.ahead_taken = 0   # draws made ahead of their turn (score_chunk), and taken
 
     @property
     def scores_remotely(self) -> bool:
@@ -267,7 +267,7 @@ class Session:
         if drawn is not None:
             _, group, seq, *_ = todo[-1]
             self._ahead = (len(seq), self._memo[group][len(seq)], ahead, drawn)
-            self.draws_ahead[1] += 1
+            self.ahead_made += 1
         return out, scored
 
     def draw(self, seq: Sequence[int], target: Target, rng: torch.Generator, greedy: bool = False,
@@ -285,7 +285,7 @@ class Session:
         logits = self._from_cache(group, seq, 1)
         if logits is not None:
             if ahead is not None and self._drawn_ahead(ahead, group, seq, request):
-                self.draws_ahead[0] += 1
+                self.ahead_taken += 1
                 return ahead[3].checked()
             return draw_next(logits[:, -1][None], [request])[0].checked()
         drawn, logits, passes = self.backend.forward_draw(self._new_tokens(group, seq), self._caches[group],
