@@ -18,7 +18,6 @@ runs on it, whether the models are in this process (backends/) or behind a serve
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -211,7 +210,8 @@ class Session:
         (its `forward_score`); otherwise, or from the memo, they are scored here, by the same function.
 
         `ahead`: the draw `draw` will be asked for after the last request (a "ref" request of one
-        position: SCR's next draft step, needed if the chunk is accepted whole). A backend that
+        position: SCR's next draft step, needed if the chunk is accepted whole), a Draw with
+        `ahead` set. A backend that
         shares forwards draws it in this forward, with the other generations' draws, and puts the
         generator back (draws.Draw.ahead); `draw` takes it when asked for that very draw while
         nothing drew from the generator since, so the tokens are the same bits either way. On a
@@ -246,8 +246,6 @@ class Session:
             ahead = None                  # the last request is not a "ref" position to compute now
         if (score is not None and todo[0][0] == 0 and self.backend.shares_forwards
                 and (restrict or todo[0][5] is None)):      # the logits the backend scores are score.logq's columns
-            if ahead is not None:
-                ahead = dataclasses.replace(ahead, ahead=True)
             logits, passes, scored, drawn = self.backend.forward_score(calls, self.names, score, ahead)
         elif len(todo) > 1 or restrict:
             logits, passes = self.backend.forward_together(calls, self.names)

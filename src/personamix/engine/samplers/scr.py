@@ -89,7 +89,7 @@ def sample(session: Session, prompt: list[int], target: Target, params: Sampling
             # forward; used when C is accepted whole, else rolled back like any rejected draft. Its
             # draw is made there too, ahead of its turn, and taken only if it is the same draw then
             # (Session.score_chunk); the exact verification draws in between, so not then
-            ahead = None if exact else Draw(target, rng)
+            ahead = None if exact else Draw(target, rng, ahead=True)
             (pref_logits, _), scored = session.score_chunk([scoring, ("ref", seq + chunk, 1)], score,
                                                            ahead)                                  # [N, k, U]
         else:
