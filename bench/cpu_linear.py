@@ -35,7 +35,9 @@ def cpu_name() -> str:
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     flags = fields.get("Flags", "").split()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{fields.get('Model name', '?').strip()} ({isa}, {os.cpu_count()} cores)"
+    # a cloud VM's model name is often just "AMD EPYC": the family and model tell the generation apart
+    family = " ".join(f"{k} {fields[k].strip()}" for k in ("CPU family", "Model") if k in fields)
+    return f"{fields.get('Model name', '?').strip()} ({family}; {isa}, {os.cpu_count()} cores)"
 
 
 def main() -> None:

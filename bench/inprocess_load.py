@@ -1,8 +1,9 @@
-"""The load test's 16 clients without HTTP: concurrent SCR generations (`--method`: another
-sampler) in threads of one process, over the batched backend, with the load test's prompts,
-personas and settings (32 new tokens, temperature 0.7, top-p 0.9, own seeds, prefix cache on).
-What the server's forwards and the generations' turns between them cost, without the event
-loop, the SSE streams and the load generator on the same cores (docs/batching.md, "The packed forward's Python").
+"""The load test's 16 clients without HTTP: concurrent SCR generations (`--method`: other
+samplers, each level once per method in turn) in threads of one process, over the batched
+backend, with the load test's prompts, personas and settings (32 new tokens, temperature 0.7,
+top-p 0.9, own seeds, prefix cache on). What the server's forwards and the generations' turns
+between them cost, without the event loop, the SSE streams and the load generator on the same
+cores (docs/batching.md, "The packed forward's Python").
 
 Prints per level: tokens/s, forwards, ms per forward, row-tokens per forward, the shares of the
 level in forwards and in the gather wait, the process's context switches and minor page faults per
@@ -16,7 +17,7 @@ likewise switches the LoRA deltas between PyTorch's matmuls and the CPU kernel (
 and the CPU kernels (cpu_pointwise.py), and `--ahead on off` SCR's next draft step between being
 drawn in its scoring forward and in its generation's turn (BatchingBackend.draws_ahead).
 
-    python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--method scr] [--model-forward]
+    python bench/inprocess_load.py [--clients 1 16] [--requests 2] [--method scr token] [--model-forward]
                                    [--pools zeroed unfilled] [--lora torch kernel] [--pointwise torch kernel]
                                    [--ahead on off]
 """
@@ -117,8 +118,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
-    ap.add_argument("--method", default="scr", choices=["scr", "token", "token-rs", "spec", "base"],
-                    help="every client's sampling method (the load test's: scr)")
+    ap.add_argument("--method", nargs="+", default=["scr"], choices=["scr", "token", "token-rs", "spec", "base"],
+                    help="every client's sampling method (the load test's: scr); several: each level once per "
+                         "method, in turn")
     ap.add_argument("--model-forward", action="store_true",
                     help="packed forwards through the model's own forward, not decoder.py")
     ap.add_argument("--pools", nargs="+", choices=["default", "zeroed", "unfilled"], default=["default"],
@@ -132,7 +134,6 @@ def main() -> None:
                          "default) or in its turn (off), in turn (BatchingBackend.draws_ahead)")
     a = ap.parse_args()
     global METHOD
-    METHOD = a.method
     quiet()
     gen = Generator.from_pretrained(adapters="mbti", backend="batched")
     b = gen.backend
@@ -145,7 +146,7 @@ def main() -> None:
     warm.start()
     warm.join()                                  # every prompt cached, as in the load test's warm-up
     print(f"batched backend, packed forwards through {'decoder.py' if b.decoder else 'the model'}; "
-          f"method {METHOD}, {a.requests} requests per client, {os.cpu_count()} CPU cores")
+          f"{a.requests} requests per client, {os.cpu_count()} CPU cores")
     if "kernel" in a.lora and not b.lora.rows.kernel:
         raise SystemExit("--lora kernel: this backend's LoRA deltas do not run on the CPU kernel "
                          f"({cpu_lora.lora_problem(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))})")
@@ -153,18 +154,20 @@ def main() -> None:
     if a.pointwise != ["default"] and own_ops is not KernelOps:
         why = "no plain decoder" if b.decoder is None else pointwise_problem(b.decoder)
         raise SystemExit(f"--pointwise: this backend's decoder does not run the CPU kernels ({why})")
-    print("| clients | pool, LoRA, pointwise, draws ahead | tok/s | forwards | ms per forward | row-tokens per forward "
+    print("| clients | method | pool, LoRA, pointwise, draws ahead | tok/s | forwards | ms per forward "
+          "| row-tokens per forward "
           "| in forwards / waiting "
           "| context switches per forward (vol. / invol.) | minor faults per forward | cores busy "
-          "| turns: median / p90 / p99, sum |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| turns: median / p90 / p99, sum |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     first, own, own_lora = 1000, b.pool.fill, b.lora.rows.kernel
-    for clients, pool, lora, pointwise, ahead in itertools.product(a.clients, a.pools, a.lora, a.pointwise, a.ahead):
+    for clients, METHOD, pool, lora, pointwise, ahead in itertools.product(a.clients, a.method, a.pools, a.lora,
+                                                                           a.pointwise, a.ahead):
         b.pool.fill = {"default": own, "zeroed": 0.0, "unfilled": None}[pool]   # (idle) drops its tensors
         b.lora.rows.kernel = own_lora if lora == "default" else lora == "kernel"
         if b.decoder is not None:
             b.decoder.ops = {"default": own_ops, "torch": TorchOps, "kernel": KernelOps}[pointwise]
         b.draws_ahead = ahead == "on"
-        print(level(gen, clients, a.requests, first, f"{pool}, {lora}, {pointwise}, {ahead}"), flush=True)
+        print(level(gen, clients, a.requests, first, f"{METHOD} | {pool}, {lora}, {pointwise}, {ahead}"), flush=True)
         first += clients * a.requests
 
 
