@@ -25,6 +25,9 @@
 #   7. (step "ahead", not in the default STEPS) bench/inprocess_load.py at 64 clients, SCR's next
 #      draft step drawn in its generation's turn and in its chunk's scoring forward, alternating
 #      (BatchingBackend.draws_ahead; on CPU the two are even, the turn is what a GPU waits for).
+#   8. (step "methods", not in the default STEPS) bench/inprocess_load.py at 1 and 64 clients, SCR
+#      and `token` side by side (on 2 CPU cores `token` gave 1.4-1.6x SCR's tokens/s at 1 and 16
+#      clients, docs/bench/methods_under_load.md: does a GPU keep that order?).
 #
 #   OUT=... DATA=/path/to/mpg BEFORE=/path/to/before/src bash bench/gpu_check.sh
 #
@@ -105,6 +108,11 @@ fi
 if want ahead; then
 say ahead
 timeout 300 $PY bench/inprocess_load.py --clients 64 64 --ahead off on 2>&1 | grep "^|" | tee "$OUT/ahead.md"
+fi
+
+if want methods; then
+say methods
+timeout 300 $PY bench/inprocess_load.py --clients 1 64 --method scr token 2>&1 | grep "^|" | tee "$OUT/methods.md"
 fi
 
 if want samplers; then
