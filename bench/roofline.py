@@ -21,7 +21,10 @@ and the ratio's roofline is the 16-client bound over the one-client bound: what 
 docs/loadtest.md would be if everything but the linear layers cost nothing at both levels.
 Prints one table (and writes it with --out).
 
-    python bench/roofline.py [--clients 1 16] [--requests 2] [--rounds 5] [--out docs/bench/roofline.md]
+`--method` runs the mix with another sampler (the load test's is SCR): each spends its own
+row-tokens per emitted token, so each has its own roofline.
+
+    python bench/roofline.py [--clients 1 16] [--requests 2] [--method scr] [--rounds 5] [--out docs/bench/roofline.md]
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import inprocess_load  # this folder
 import torch
 from cpu_linear import HEAD, LAYER, cpu_name  # this folder
 from inprocess_load import PROMPTS, request, run_clients  # this folder
@@ -47,7 +51,7 @@ GRID = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]   # row counts the linear l
 
 
 def level(gen: Generator, clients: int, per_client: int, first: int, seen: dict[str, list[int]]) -> dict:
-    """`clients` concurrent SCR generations of `per_client` requests each: tokens, seconds,
+    """`clients` concurrent generations of `per_client` requests each: tokens, seconds,
     forwards, and each forward's rows and output-layer rows over the whole vocabulary (`seen`)."""
     b = gen.backend
     f0, busy0 = b.forwards, b.busy_s
@@ -101,9 +105,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level (one client: at least 8)")
+    ap.add_argument("--method", default="scr", choices=["scr", "token", "token-rs", "spec", "base"],
+                    help="every client's sampling method (the load test's: scr)")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds of the linear layers per row count")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    inprocess_load.METHOD = a.method      # what its `request` sends
     quiet()
     gen = Generator.from_pretrained(adapters="mbti", backend="batched", device="cpu")   # a CPU's roofline
     kernel = linear_kernel(gen.backend.model)
@@ -155,8 +162,8 @@ def main() -> None:
                f"{r['clients']} clients: measured {t / bounds[0][0]:.2f}, roofline {bd / bounds[0][1]:.2f}"
                for r, (t, bd) in zip(runs[1:], bounds[1:])]
     info = (f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; linear kernel "
-            f"{kernel}; in-process SCR mix of bench/inprocess_load.py (batched backend, MBTI adapters, prefix cache "
-            f"256 MB); linear layers' medians of {a.rounds} rounds")
+            f"{kernel}; in-process {a.method} mix of bench/inprocess_load.py (batched backend, MBTI adapters, "
+            f"prefix cache 256 MB); linear layers' medians of {a.rounds} rounds")
     print(info)
     print(table)
     print("\n".join(summary))
